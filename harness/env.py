@@ -1,0 +1,69 @@
+"""Environment capture: package versions (part of a job's identity) and machine facts."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+import sys
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+import harness
+
+#: Packages whose versions can change a number; they enter every job's identity hash.
+IDENTITY_PACKAGES = ("torch", "torchvision", "numpy", "pyautoattack", "torchsde", "torchdiffeq", "diffusers")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@lru_cache(maxsize=1)
+def package_versions() -> dict[str, str | None]:
+    out = {"harness": harness.__version__}
+    out.update({p: _version(p) for p in IDENTITY_PACKAGES})
+    return out
+
+
+@lru_cache(maxsize=1)
+def git_sha() -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5,
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device | str) -> dict:
+    device = torch.device(device)
+    env = {
+        "packages": {**package_versions(), "sqlalchemy": _version("sqlalchemy"), "robustbench": _version("robustbench")},
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "git_sha": git_sha(),
+    }
+    if device.type == "cuda" and torch.cuda.is_available():
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+    return env

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny models and data, the toy defense plugin, the shared folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+TOY_PLUGIN = str(Path(__file__).parent / "plugins" / "toy_defenses.py")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _registries():
+    """Load built-in plugins and the toy plugin once (as `--plugin` would)."""
+    from harness.plugins import load_builtin, load_plugin
+
+    torch.set_num_threads(1)
+    load_builtin()
+    load_plugin(TOY_PLUGIN)
+
+
+class TinyCNN(nn.Module):
+    """A tiny classifier with normalisation inside, like every harness classifier."""
+
+    def __init__(self, channels: int = 1, classes: int = 10, hw: int = 8):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(0.5).view(1, 1, 1, 1))
+        self.conv = nn.Conv2d(channels, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * hw * hw, classes)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x - self.mean))
+        return self.fc(h.flatten(1))
+
+
+@pytest.fixture
+def tiny_clf():
+    torch.manual_seed(0)
+    return TinyCNN().eval()
+
+
+@pytest.fixture
+def images01():
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(6, 1, 8, 8, generator=g)
+
+
+@pytest.fixture
+def labels():
+    return torch.tensor([0, 1, 2, 3, 4, 5])
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path | None:
+    """$HARNESS_SHARED (CI sets it to ../shared); tests needing it skip only when unset."""
+    v = os.environ.get("HARNESS_SHARED")
+    return Path(v) if v else None

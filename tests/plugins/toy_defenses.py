@@ -1,0 +1,72 @@
+"""Toy defenses used by the tests, loaded the way a user loads a plugin (``--plugin``).
+
+- ``toy-smooth``: deterministic, differentiable (a fixed blur then a sigmoid squash):
+  a purifier whose exact gradient is known to autograd, for finite-difference checks.
+- ``toy-noise``: stochastic (Gaussian noise from the generator, then a blur): exercises
+  EOT, R-draw scoring and generator reproducibility.
+- ``toy-quantize``: gradient masking (rounding to 4 grey levels, zero gradient almost
+  everywhere): the classic "broken" defense. Its full gradient is useless, BPDA breaks it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from harness.types import Defense, DefenseConfig, GradientPath, randn_like, register_defense
+
+
+def _blur(x: torch.Tensor) -> torch.Tensor:
+    c = x.shape[1]
+    k = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=x.dtype, device=x.device) / 16
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k.expand(c, 1, 3, 3), groups=c)
+
+
+@dataclass(frozen=True)
+class SmoothConfig(DefenseConfig):
+    sharpness: float = field(default=4.0, metadata={"help": "slope of the sigmoid squash"})
+
+
+@register_defense("toy-smooth")
+class ToySmooth(Defense):
+    """Deterministic toy purifier: blur, then a sigmoid squash around 0.5."""
+
+    Config = SmoothConfig
+    gradient_paths = frozenset({GradientPath.FULL, GradientPath.SURROGATE})
+    nfe_per_call = 1
+
+    def purify(self, x, *, generator=None):
+        return torch.sigmoid(self.config.sharpness * (_blur(x) - 0.5))
+
+    def purify_surrogate(self, x, *, generator=None):
+        return _blur(x)
+
+
+@dataclass(frozen=True)
+class NoiseConfig(DefenseConfig):
+    sigma: float = field(default=0.25, metadata={"help": "std of the injected Gaussian noise"})
+
+
+@register_defense("toy-noise")
+class ToyNoise(Defense):
+    """Stochastic toy purifier: add Gaussian noise, blur, clamp."""
+
+    Config = NoiseConfig
+    stochastic = True
+    gradient_paths = frozenset({GradientPath.FULL})
+    nfe_per_call = 1
+
+    def purify(self, x, *, generator=None):
+        return _blur(x + self.config.sigma * randn_like(x, generator)).clamp(0, 1)
+
+
+@register_defense("toy-quantize")
+class ToyQuantize(Defense):
+    """Gradient-masking toy purifier: round to 4 grey levels (zero gradient a.e.)."""
+
+    gradient_paths = frozenset({GradientPath.FULL})
+
+    def purify(self, x, *, generator=None):
+        return torch.round(x * 3) / 3

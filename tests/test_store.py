@@ -1,0 +1,97 @@
+"""The results store: round trips, Wilson intervals, schema, batch idempotence."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from harness.registry import HarnessError
+from harness.store import Store, decode_images, encode_images, resolve_url, wilson_interval
+
+
+def _example(pos: int, ok: bool = True) -> dict:
+    return dict(
+        position=pos, dataset_index=100 + pos, label=pos % 10, clean_preds=[pos % 10] * 3,
+        adv_preds={"pgd": [pos % 10, 1, 2]}, worst_attack=None if ok else "pgd", linf=0.03, l2=0.5,
+        clean_single=True, clean_majority=True, clean_worst=True, robust_single=ok, robust_majority=ok, robust_worst=ok,
+        detect_clean=None, detect_adv=None,
+    )
+
+
+def _fields(**kw):
+    base = dict(defense="none", threat="bpda", dataset="digits", classifier="digits-cnn", seed=0, n_examples=4,
+                identity={"a": 1}, config={"b": 2})
+    base.update(kw)
+    return base
+
+
+def test_wilson_interval_known_values():
+    lo, hi = wilson_interval(50, 100)
+    assert math.isclose(lo, 0.4038, abs_tol=1e-3) and math.isclose(hi, 0.5962, abs_tol=1e-3)
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and math.isclose(hi, 0.2775, abs_tol=1e-3)
+    assert wilson_interval(10, 10)[1] == 1.0
+
+
+def test_round_trip(tmp_path):
+    st = Store(str(tmp_path / "r.db"))
+    st.begin_job("j1", **_fields())
+    img = np.arange(64, dtype=np.uint8).reshape(1, 8, 8)
+    st.write_batch("j1", 0, examples=[_example(0), _example(1, ok=False)], curves={"pgd": [2, 1]}, nfe={"x": 3}, seconds=0.5,
+                   samples=[{"position": 0, "images": {"clean": img, "adversarial": img, "purified": img}}])
+    st.write_batch("j1", 0, examples=[_example(0)], curves={}, nfe={}, seconds=0.1)  # duplicate batch: ignored
+    assert st.done_batches("j1") == {0}
+    st.finish_job("j1", metrics={"robust_accuracy": (0.5, 0.1, 0.9, 2)}, curves={"pgd": [(1.0, 2), (0.5, 2)]},
+                  timings={"total_s": 1.0}, nfe={"x": 3}, environment={"device": "cpu"})
+    st2 = Store(str(tmp_path / "r.db"))
+    job = st2.get_job("j1")
+    assert job.status == "done" and job.identity == {"a": 1} and job.environment == {"device": "cpu"}
+    rows = st2.example_rows("j1")
+    assert [r.position for r in rows] == [0, 1] and rows[1].adv_preds == {"pgd": [1, 1, 2]} and rows[1].worst_attack == "pgd"
+    m = st2.metrics("j1")["robust_accuracy"]
+    assert (m.value, m.lower, m.upper, m.n) == (0.5, 0.1, 0.9, 2)
+    assert st2.curves("j1") == {"pgd": [1.0, 0.5]}
+    (pos, imgs), = st2.samples("j1")
+    assert pos == 0 and np.array_equal(imgs["clean"], img)
+    table = st2.results_table()
+    assert table[0]["robust"] == 0.5 and table[0]["defense"] == "none"
+
+
+def test_replace_job_is_atomic_and_complete(tmp_path):
+    st = Store(str(tmp_path / "r.db"))
+    st.begin_job("j", **_fields())
+    st.write_batch("j", 0, examples=[_example(0)], curves={}, nfe={}, seconds=0.1)
+    st.finish_job("j", metrics={"m": (1.0, None, None, 1)}, curves={}, timings={}, nfe={}, environment={})
+    st.replace_job("j", [dict(batch=0, examples=[_example(0, ok=False), _example(1)], curves={}, nfe={}, seconds=0.2)],
+                   metrics={"m": (0.5, None, None, 2)}, curves={}, timings={}, nfe={}, environment={})
+    assert len(st.example_rows("j")) == 2 and st.metrics("j")["m"].value == 0.5
+
+
+def test_fail_and_skip_are_recorded(tmp_path):
+    st = Store(str(tmp_path / "r.db"))
+    st.begin_job("a", **_fields())
+    st.fail_job("a", "boom")
+    st.record_skip("b", "no full gradient path", **_fields())
+    assert st.get_job("a").status == "failed" and st.get_job("a").reason == "boom"
+    assert st.get_job("b").status == "skipped"
+    assert {r["status"] for r in st.results_table(status=None)} == {"failed", "skipped"}
+
+
+def test_url_resolution(monkeypatch):
+    monkeypatch.delenv("HARNESS_DB", raising=False)
+    assert resolve_url(None) == "sqlite:///results.db"
+    monkeypatch.setenv("HARNESS_DB", "other.db")
+    assert resolve_url(None) == "sqlite:///other.db"
+    assert resolve_url("postgresql://u@h/db") == "postgresql://u@h/db"
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(HarnessError, match="does not exist"):
+        Store(str(tmp_path / "nope" / "r.db"))
+
+
+def test_image_codec_round_trip():
+    a = np.random.RandomState(0).randint(0, 255, (3, 4, 4)).astype(np.uint8)
+    assert np.array_equal(decode_images(encode_images(a=a))["a"], a)
