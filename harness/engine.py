@@ -241,7 +241,10 @@ class DefendedForward(nn.Module):
         if self.path is GradientPath.CLASSIFIER:
             return self.classifier(x)
         self.purified += x.shape[0]
-        return self.defense.classify(x, self.classifier, path=self.path, generator=self.generator)
+        logits = self.defense.classify(x, self.classifier, path=self.path, generator=self.generator)
+        if not torch.isfinite(logits).all():
+            raise HarnessError(f"defense '{self.defense.name}' produced non-finite outputs (NaN/inf) on the {self.path.value} path")
+        return logits
 
 
 def derive_seed(seed: int, *parts: Any) -> int:

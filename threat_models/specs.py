@@ -125,17 +125,19 @@ class ThreatModel:
 
 THREATS: Registry[ThreatModel] = Registry("threat")
 
-#: l_inf budget of the embedded digit datasets: the shipped undefended CNN falls below
-#: 10% robust accuracy under 20-step PGD here, while the digits stay legible (16 grey
-#: levels, so 0.1 is under two grey levels). Measured by tests/test_attacks.py.
-DIGITS_LINF_EPS = 0.1
-MNIST_LINF_EPS = 0.1
+#: l_inf budgets of the embedded digit datasets, chosen so that the shipped undefended
+#: CNN falls below 10% robust accuracy under the preprocessor-blind PGD while the digits
+#: stay legible (a purifier has room to help). Measured on the shipped digits-cnn
+#: (n=256, 20-step PGD): eps 8/255 -> 95.7%, 0.1 -> 64.5%, 0.15 -> 22.3%, 0.2 -> 1.6%.
+#: MNIST uses the customary MNIST budget 0.3. Checked by tests/test_engine.py.
+DIGITS_LINF_EPS = 0.2
+MNIST_LINF_EPS = 0.3
 
 _CPU_FAMILIES = {
     "digits": {"eps": DIGITS_LINF_EPS, "step_size": DIGITS_LINF_EPS / 4},
     "mnist": {"eps": MNIST_LINF_EPS, "step_size": MNIST_LINF_EPS / 4},
 }
-_L2 = {"cifar": 0.5, "digits": 1.0, "mnist": 1.5}
+_L2 = {"cifar": 0.5, "digits": 1.0, "mnist": 2.0}
 
 
 def _family(extra: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

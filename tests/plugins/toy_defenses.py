@@ -35,10 +35,15 @@ class ToySmooth(Defense):
 
     Config = SmoothConfig
     gradient_paths = frozenset({GradientPath.FULL, GradientPath.SURROGATE})
+    has_detection_score = True
     nfe_per_call = 1
 
     def purify(self, x, *, generator=None):
         return torch.sigmoid(self.config.sharpness * (_blur(x) - 0.5))
+
+    def detection_score(self, x, *, generator=None):
+        # high-frequency energy: what the blur removes
+        return (x - _blur(x)).flatten(1).norm(dim=1)
 
     def purify_surrogate(self, x, *, generator=None):
         return _blur(x)
@@ -70,3 +75,11 @@ class ToyQuantize(Defense):
 
     def purify(self, x, *, generator=None):
         return torch.round(x * 3) / 3
+
+
+@register_defense("toy-nan")
+class ToyNaN(Defense):
+    """A broken purifier that returns NaN: the engine must refuse its numbers loudly."""
+
+    def purify(self, x, *, generator=None):
+        return x * float("nan")
