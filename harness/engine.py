@@ -20,7 +20,7 @@ import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -270,8 +270,42 @@ def _attack_names(spec: ThreatSpec) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def run_batch(job: ResolvedJob, b: int, x: torch.Tensor, y: torch.Tensor, positions: np.ndarray, tick: Callable[[int], None]) -> dict:
-    """Attack and score one batch; return the rows the store keeps for it."""
+#: Threat-spec fields that do not change the adversarial examples of a classifier-only attack.
+_EVAL_ONLY_FIELDS = ("eval_draws", "scoring", "detect", "eot_samples", "eot_reduce", "name", "version")
+
+
+def adv_cache_key(job: ResolvedJob, b: int) -> str | None:
+    """Identity of a batch's adversarial examples when they do not depend on the defense.
+
+    Under a classifier-only attack (preprocessor-blind) the adversarial examples depend on
+    the classifier, the attack, the data, the batch and the seed, not on the defense, so
+    every defense evaluated on the same cell reuses them. Other paths return None.
+    """
+    if job.path is not GradientPath.CLASSIFIER:
+        return None
+    attack = {k: v for k, v in job.spec.to_dict().items() if k not in _EVAL_ONLY_FIELDS}
+    ident = {
+        "classifier": job.classifier.identity, "dataset": job.subset.identity, "attack": attack,
+        "seed": job.cfg.seed, "batch": b, "packages": package_versions(),
+    }
+    return hashlib.sha256(dumps(ident).encode()).hexdigest()
+
+
+def run_batch(
+    job: ResolvedJob,
+    b: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    positions: np.ndarray,
+    tick: Callable[[int], None],
+    cached_adv: dict | None = None,
+) -> dict:
+    """Attack and score one batch; return the rows the store keeps for it.
+
+    ``cached_adv`` (attack -> {"x_adv", "margin", "curve"}) replaces the attacks with
+    adversarial examples computed earlier for another defense (see :func:`adv_cache_key`).
+    The returned dict carries ``adv_cache`` (key, entry) when it computed a shareable one.
+    """
     spec, dev, seed = job.spec, x.device, job.cfg.seed
     clf = job.classifier.module
     t0 = time.perf_counter()
@@ -288,7 +322,13 @@ def run_batch(job: ResolvedJob, b: int, x: torch.Tensor, y: torch.Tensor, positi
     preds: dict[str, torch.Tensor] = {}
     curves: dict[str, list[int]] = {}
     for name in _attack_names(spec):
-        if name == "pgd":
+        if cached_adv is not None and name in cached_adv:
+            c = cached_adv[name]
+            res = A.AttackResult(x_adv=torch.as_tensor(c["x_adv"]).to(dev), margin=torch.as_tensor(c["margin"]).to(dev), curve=list(c["curve"]))
+            if res.curve:
+                curves[name] = res.curve
+            tick((spec.steps + 1) * spec.restarts if name == "pgd" else spec.apgd_steps)
+        elif name == "pgd":
             res = A.pgd(
                 attack_model, x, y, norm=spec.norm, eps=spec.eps, steps=spec.steps, step_size=spec.step_size,
                 restarts=spec.restarts, rand_start=spec.random_start, loss=spec.loss, eot=job.eot,
@@ -371,12 +411,18 @@ def run_batch(job: ResolvedJob, b: int, x: torch.Tensor, y: torch.Tensor, positi
                 {"position": int(positions[i]), "images": {"clean": _to_uint8(x[i]), "adversarial": _to_uint8(x_adv[i]), "purified": _to_uint8(pur[k])}}
             )
 
+    adv_entry = None
+    key = adv_cache_key(job, b)
+    if key is not None and cached_adv is None:
+        adv_entry = (key, {n: {"x_adv": r.x_adv.cpu().numpy(), "margin": r.margin.cpu().numpy(), "curve": list(r.curve)} for n, r in advs.items()})
+
     nfe = {
         "attack_purifications": attack_model.purified,
         "eval_purifications": eval_model.purified,
         "classifier_images": attack_model.classified + eval_model.classified,
     }
-    return dict(examples=examples, curves=curves, nfe=nfe, seconds=time.perf_counter() - t0, samples=samples)
+    nfe["adv_reused"] = int(cached_adv is not None)
+    return dict(examples=examples, curves=curves, nfe=nfe, seconds=time.perf_counter() - t0, samples=samples, adv_cache=adv_entry)
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -484,6 +530,72 @@ def _outcome(store: Store, job: ResolvedJob, reused: bool) -> JobOutcome:
     return JobOutcome(job.job_id, row.status, reused, job.summary(), metrics, store.curves(job.job_id), row.timings or {})
 
 
+def iter_batches(
+    job: ResolvedJob,
+    skip: set[int] | frozenset[int] = frozenset(),
+    *,
+    adv_lookup: Callable[[str], dict | None] | None = None,
+    progress: bool = False,
+) -> Iterator[tuple[int, dict]]:
+    """Run the batches of ``job`` not in ``skip``, yielding ``(batch index, payload)``.
+
+    This is the part of a job that runs on a worker (a local process, a Ray task); the
+    payloads go to whoever owns the store (:func:`write_payload`, :func:`finish`).
+    ``adv_lookup(key)`` returns previously computed adversarial examples for reuse.
+    """
+    from tqdm.auto import tqdm
+
+    bs = job.spec.batch_size
+    n = len(job.subset.y)
+    n_batches = (n + bs - 1) // bs
+    steps_per_batch = 0
+    for a in _attack_names(job.spec):
+        steps_per_batch += (job.spec.steps + 1) * job.spec.restarts if a == "pgd" else job.spec.apgd_steps
+    todo = [b for b in range(n_batches) if b not in skip]
+    bar = tqdm(total=len(todo) * steps_per_batch, disable=not progress, desc=f"{job.defense.name}/{job.spec.name}", unit="it", leave=False)
+    try:
+        for b in todo:
+            lo, hi = b * bs, min(n, (b + 1) * bs)
+            x = job.subset.x[lo:hi].to(job.device)
+            y = job.subset.y[lo:hi].to(job.device)
+            key = adv_cache_key(job, b)
+            cached = adv_lookup(key) if (key is not None and adv_lookup is not None) else None
+            yield b, run_batch(job, b, x, y, np.arange(lo, hi), bar.update, cached_adv=cached)
+    finally:
+        bar.close()
+
+
+def n_batches(job: ResolvedJob) -> int:
+    return (len(job.subset.y) + job.spec.batch_size - 1) // job.spec.batch_size
+
+
+class _Row:
+    """Attribute view of an in-memory row, so :func:`aggregate` reads payloads like stored rows."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def finish(job: ResolvedJob, store: Store, *, run_s: float, resumed: int, in_memory: list[dict] | None = None) -> None:
+    """Aggregate a job's rows (stored, or ``in_memory`` payloads for --force) and mark it done."""
+    n = len(job.subset.y)
+    if in_memory is not None:
+        examples = [_Row(**e) for bt in in_memory for e in bt["examples"]]
+        batches = [_Row(n=len(bt["examples"]), curves=bt["curves"], nfe=bt["nfe"], seconds=bt["seconds"]) for bt in in_memory]
+    else:
+        examples, batches = store.example_rows(job.job_id), store.batch_rows(job.job_id)
+    if len(examples) != n or len({e.position for e in examples}) != n:
+        raise HarnessError(f"job {job.job_id[:12]}: {len(examples)} stored examples, expected {n}")
+    agg = aggregate(job, examples, batches)
+    batch_seconds = sum(b.seconds for b in batches)
+    timings = {"total_s": batch_seconds, "this_run_s": run_s, "per_example_s": batch_seconds / max(n, 1), "resumed_batches": resumed}
+    payload = dict(metrics=agg["metrics"], curves=agg["curves"], timings=timings, nfe=agg["nfe"], environment=environment(job.device), fields=_job_fields(job))
+    if in_memory is not None:
+        store.replace_job(job.job_id, in_memory, **payload)
+    else:
+        store.finish_job(job.job_id, **payload)
+
+
 def run_job(
     job: ResolvedJob,
     store: Store,
@@ -491,38 +603,27 @@ def run_job(
     force: bool = False,
     progress: bool = True,
 ) -> JobOutcome:
-    """Evaluate ``job`` (resuming a partial run) and store it; reuse a finished one unless ``force``."""
-    from tqdm.auto import tqdm
+    """Evaluate ``job`` in this process (resuming a partial run) and store it.
 
+    A finished job in the store is reused unless ``force``; a forced rerun keeps the old
+    rows until the new ones are complete, then swaps them in one transaction.
+    """
     existing = store.get_job(job.job_id)
     if existing is not None and existing.status == "done" and not force:
         return _outcome(store, job, reused=True)
-
-    in_memory = existing is not None and existing.status == "done"  # --force on a finished job
+    in_memory = existing is not None and existing.status == "done"
     if not in_memory:
         store.begin_job(job.job_id, **_job_fields(job))
     done = set() if in_memory else store.done_batches(job.job_id)
-
     t_start = time.perf_counter()
-    bs = job.spec.batch_size
-    n = len(job.subset.y)
-    n_batches = (n + bs - 1) // bs
-    steps_per_batch = 0
-    for a in _attack_names(job.spec):
-        steps_per_batch += (job.spec.steps + 1) * job.spec.restarts if a == "pgd" else job.spec.apgd_steps
-    todo = [b for b in range(n_batches) if b not in done]
-    bar = tqdm(total=len(todo) * steps_per_batch, disable=not progress, desc=f"{job.defense.name}/{job.spec.name}", unit="it", leave=False)
     written: list[dict] = []
     try:
-        for b in todo:
-            lo, hi = b * bs, min(n, (b + 1) * bs)
-            x = job.subset.x[lo:hi].to(job.device)
-            y = job.subset.y[lo:hi].to(x.device)
-            out = run_batch(job, b, x, y, np.arange(lo, hi), bar.update)
+        for b, payload in iter_batches(job, done, adv_lookup=store.get_adv, progress=progress):
             if in_memory:
-                written.append({"batch": b, **out})
+                written.append({"batch": b, **payload})
             else:
-                store.write_batch(job.job_id, b, **out)
+                store.write_batch(job.job_id, b, **payload)
+        finish(job, store, run_s=time.perf_counter() - t_start, resumed=len(done), in_memory=written if in_memory else None)
     except HarnessError as exc:
         if not in_memory:
             store.fail_job(job.job_id, str(exc))
@@ -531,35 +632,6 @@ def run_job(
         if not in_memory:
             store.fail_job(job.job_id, f"{type(exc).__name__}: {exc}")
         raise
-    finally:
-        bar.close()
-
-    run_s = time.perf_counter() - t_start
-    env = environment(job.device)
-    if in_memory:
-        class _Row:  # light views so aggregate() reads the same attributes as stored rows
-            def __init__(self, **kw):
-                self.__dict__.update(kw)
-
-        examples = [_Row(**e) for bt in written for e in bt["examples"]]
-        batches = [_Row(n=len(bt["examples"]), curves=bt["curves"], nfe=bt["nfe"]) for bt in written]
-    else:
-        examples, batches = store.example_rows(job.job_id), store.batch_rows(job.job_id)
-    if len(examples) != n:
-        raise HarnessError(f"job {job.job_id[:12]}: {len(examples)} stored examples, expected {n}")
-    agg = aggregate(job, examples, batches)
-    batch_seconds = sum(b["seconds"] for b in written) if in_memory else sum(r.seconds for r in store.batch_rows(job.job_id))
-    timings = {
-        "total_s": batch_seconds,
-        "this_run_s": run_s,
-        "per_example_s": batch_seconds / max(n, 1),
-        "resumed_batches": len(done),
-    }
-    finish = dict(metrics=agg["metrics"], curves=agg["curves"], timings=timings, nfe=agg["nfe"], environment=env, fields=_job_fields(job))
-    if in_memory:
-        store.replace_job(job.job_id, written, **finish)
-    else:
-        store.finish_job(job.job_id, **finish)
     return _outcome(store, job, reused=False)
 
 

@@ -160,6 +160,17 @@ class SampleRow(Base):
     images: Mapped[bytes] = mapped_column(LargeBinary)  # npz: clean, adversarial, purified (uint8 CHW)
 
 
+class AdvCacheRow(Base):
+    """Adversarial examples that do not depend on the defense (classifier-only attacks),
+    keyed by their own identity, so every defense in a grid reuses them."""
+
+    __tablename__ = "adv_cache"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class MetaRow(Base):
     __tablename__ = "meta"
 
@@ -331,13 +342,22 @@ class Store:
         seconds: float,
         samples: list[dict] | None = None,
         extra: dict | None = None,
+        adv_cache: tuple[str, dict] | None = None,
     ) -> None:
+        if adv_cache is not None and s.get(AdvCacheRow, adv_cache[0]) is None:
+            s.add(AdvCacheRow(key=adv_cache[0], payload=_pack_adv(adv_cache[1]), created_at=utcnow()))
         if s.scalar(select(BatchRow.id).where(BatchRow.job_id == job_id, BatchRow.batch == batch)) is not None:
             return  # already written by an earlier (interrupted) run
         s.add(BatchRow(job_id=job_id, batch=batch, n=len(examples), curves=curves, nfe=nfe, seconds=seconds, extra=extra or {}))
         s.add_all(ExampleRow(job_id=job_id, batch=batch, **e) for e in examples)
         for smp in samples or []:
             s.add(SampleRow(job_id=job_id, position=smp["position"], images=encode_images(**smp["images"])))
+
+    def get_adv(self, key: str) -> dict | None:
+        """Cached adversarial examples for ``key`` (see harness.engine.adv_cache_key), or None."""
+        with self.session() as s:
+            row = s.get(AdvCacheRow, key)
+            return None if row is None else _unpack_adv(row.payload)
 
     def replace_job(self, job_id: str, batches: list[dict], **finish: Any) -> None:
         """``--force``: swap a job's stored rows for a fresh run's in one transaction.
@@ -481,6 +501,22 @@ class Store:
                 row["reason"] = j.reason
             out.append(row)
         return out
+
+
+def _pack_adv(entry: dict) -> bytes:
+    arrays, meta = {}, {}
+    for attack, v in entry.items():
+        arrays[f"{attack}/x_adv"] = np.asarray(v["x_adv"], dtype=np.float32)
+        arrays[f"{attack}/margin"] = np.asarray(v["margin"], dtype=np.float32)
+        meta[attack] = list(v["curve"])
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    return encode_images(**arrays)
+
+
+def _unpack_adv(blob: bytes) -> dict:
+    arrays = decode_images(blob)
+    meta = json.loads(arrays.pop("__meta__").tobytes().decode())
+    return {a: {"x_adv": arrays[f"{a}/x_adv"], "margin": arrays[f"{a}/margin"], "curve": meta[a]} for a in meta}
 
 
 def dumps(obj: Any) -> str:

@@ -174,3 +174,16 @@ def test_a_defense_returning_nan_fails_the_job_loudly(store):
         E.run_job(job, store, progress=False)
     row = store.get_job(job.job_id)
     assert row.status == "failed" and "non-finite" in row.reason
+
+
+def test_preprocessor_blind_adversarials_are_computed_once_and_reused(store):
+    a = E.run_job(E.resolve(cfg(defense="toy-smooth", n_examples=40, overrides=[("batch_size", "16")])), store, progress=False)
+    b = E.run_job(E.resolve(cfg(defense="toy-noise", n_examples=40, overrides=[("batch_size", "16")])), store, progress=False)
+    assert store.get_job(a.job_id).nfe["adv_reused"] == 0
+    assert store.get_job(b.job_id).nfe["adv_reused"] == 3  # all three batches came from the cache
+    ra, rb = store.example_rows(a.job_id), store.example_rows(b.job_id)
+    assert [(r.linf, r.l2) for r in ra] == [(r.linf, r.l2) for r in rb]
+    assert a.curves == b.curves
+    # a different seed is a different attack: no reuse
+    c = E.run_job(E.resolve(cfg(defense="toy-noise", n_examples=40, seed=1, overrides=[("batch_size", "16")])), store, progress=False)
+    assert store.get_job(c.job_id).nfe["adv_reused"] == 0
