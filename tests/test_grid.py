@@ -1,0 +1,214 @@
+"""Grids: parsing errors with lines, expansion, skip/resume, SIGKILL-resume, Ray, reuse, checks."""
+
+from __future__ import annotations
+
+import csv
+import multiprocessing as mp
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from harness.grid import GridError, expand, load_grid, run_grid
+from harness.registry import HarnessError
+from harness.store import Store
+from tests.conftest import TOY_PLUGIN
+
+GRID = f"""
+name: t
+n_examples: 40
+set: {{batch_size: 16}}
+plugins: [{TOY_PLUGIN}]
+defenses: [none, toy-smooth, toy-noise]
+threats:
+  - preprocessor-blind
+  - name: bpda
+    set: {{steps: 3}}
+  - name: adaptive
+    set: {{steps: 3, apgd_steps: 3, gradient_path: surrogate}}
+datasets: [digits]
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "g.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def rows(db: Path) -> list[tuple]:
+    con = sqlite3.connect(db)
+    try:
+        return con.execute("select job_id, position, clean_preds, adv_preds, linf from examples order by job_id, position").fetchall()
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("defenses: [none]\nthreats: [bpda]\ndatasets: [digits]\nthreads: 3\n", "line 4: unknown key 'threads'; did you mean 'threats'?"),
+        ("defenses: [none]\nthreats: [bpda]\n", "missing required key 'datasets'"),
+        ("defenses: [none]\nthreats: [bpda\ndatasets: [digits]\n", "invalid YAML"),
+        ("defenses: [none]\nthreats:\n  - name: bpda\n    sett: {steps: 2}\ndatasets: [digits]\n", "line 4: unknown key 'sett'"),
+        ("defenses: [none]\nthreats: [bpda]\ndatasets: [digits]\nn_examples: -3\n", "line 4: n_examples must be a positive integer"),
+        ("defenses: none\nthreats: [bpda]\ndatasets: [digits]\n", "line 1: 'defenses' must be a non-empty list"),
+        ("- a\n- b\n", "a grid file is a mapping"),
+    ],
+)
+def test_malformed_grid_files_name_key_and_line(tmp_path, text, needle):
+    with pytest.raises(GridError) as e:
+        load_grid(write(tmp_path, text))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_expansion_is_the_product_of_axes(tmp_path):
+    spec = load_grid(write(tmp_path, GRID.replace("seeds", "") + "seeds: [0, 1]\n"))
+    cfgs = expand(spec)
+    assert len(cfgs) == 3 * 3 * 1 * 2
+    bp = [c for c in cfgs if c.threat == "bpda"][0]
+    assert ("batch_size", "16") in bp.overrides and ("steps", "3") in bp.overrides
+
+
+def test_grid_runs_skips_and_is_idempotent(tmp_path, capsys):
+    g = write(tmp_path, GRID.replace("gradient_path: surrogate", "gradient_path: adjoint"))
+    db = str(tmp_path / "r.db")
+    assert main(["grid", str(g), "--db", db, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("  run ") == 6 and out.count("  skip ") == 3 and "no 'adjoint' gradient path" in out
+    assert main(["grid", str(g), "--db", db]) == 0
+    out = capsys.readouterr().out
+    assert "summary: ran 6, skipped 3" in out
+    st = Store(db)
+    skipped = st.jobs(status="skipped")
+    assert len(skipped) == 3 and all("adjoint" in j.reason for j in skipped)
+    n_rows = len(rows(Path(db)))
+    assert main(["grid", str(g), "--db", db]) == 0
+    assert "summary: done 6, skipped 3" in capsys.readouterr().out
+    assert len(rows(Path(db))) == n_rows == 6 * 40
+
+
+def test_sigkill_mid_grid_then_rerun_gives_exactly_the_uninterrupted_rows(tmp_path):
+    text = f"""
+n_examples: 80
+set: {{batch_size: 16}}
+plugins: [{TOY_PLUGIN}]
+defenses: [toy-noise, toy-smooth]
+threats:
+  - name: bpda
+    set: {{steps: 10, eot_samples: 2}}
+datasets: [digits]
+"""
+    g = write(tmp_path, text)
+    ref_db, db = tmp_path / "ref.db", tmp_path / "killed.db"
+    exe = [sys.executable, "-m", "harness.cli", "grid", str(g)]
+    subprocess.run(exe + ["--db", str(ref_db)], check=True, capture_output=True, timeout=600)
+    reference = rows(ref_db)
+
+    proc = subprocess.Popen(exe + ["--db", str(db)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    killed_at = None
+    while time.time() < deadline:
+        time.sleep(0.2)
+        if db.exists():
+            try:
+                n = len(rows(db))
+            except sqlite3.OperationalError:
+                continue
+            if n >= 80 + 16:  # one job done and part of the next: kill mid-job
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed_at = n
+                break
+    proc.wait(timeout=30)
+    assert killed_at is not None and killed_at < len(reference), "the grid finished before it could be killed"
+    st = Store(str(db))
+    assert any(j.status == "running" for j in st.jobs())  # a job was interrupted mid-way
+    subprocess.run(exe + ["--db", str(db)], check=True, capture_output=True, timeout=600)
+    assert rows(db) == reference
+    assert all(j.status in ("done", "skipped") for j in Store(str(db)).jobs())
+
+
+def test_ray_executor_matches_local(tmp_path):
+    pytest.importorskip("ray")
+    g = write(tmp_path, GRID)
+    a, b = tmp_path / "local.db", tmp_path / "ray.db"
+    run_grid(load_grid(g), Store(str(a)), log=lambda *_: None)
+    summary = run_grid(load_grid(g), Store(str(b)), executor="ray", ray_cpus=2, log=lambda *_: None)
+    assert summary.counts() == {"ran": 7, "skipped": 2}  # none and toy-noise have no surrogate path
+    assert rows(a) == rows(b)
+
+
+def _writer(db: str, wid: int, n: int) -> None:
+    st = Store(db)
+    for k in range(n):
+        jid = f"w{wid}-{k}"
+        st.begin_job(jid, defense="none", threat="bpda", dataset="digits", classifier="c", seed=0, n_examples=2, identity={}, config={})
+        ex = [dict(position=i, dataset_index=i, label=0, clean_preds=[0], adv_preds={"pgd": [0]}, worst_attack=None, linf=0.0, l2=0.0,
+                   clean_single=True, clean_majority=True, clean_worst=True, robust_single=True, robust_majority=True,
+                   robust_worst=True, detect_clean=None, detect_adv=None) for i in range(2)]
+        st.write_batch(jid, 0, examples=ex, curves={}, nfe={}, seconds=0.0)
+        st.finish_job(jid, metrics={"m": (1.0, None, None, 2)}, curves={}, timings={}, nfe={}, environment={})
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    db = str(tmp_path / "c.db")
+    Store(db)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(db, w, 25)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    con = sqlite3.connect(db)
+    assert con.execute("select count(*) from jobs where status='done'").fetchone()[0] == 100
+    assert con.execute("select count(*) from examples").fetchone()[0] == 200
+    assert con.execute("pragma journal_mode").fetchone()[0] == "wal"
+
+
+def _table(path: Path, rows_: list[dict]) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["defense", "threat", "dataset", "classifier", "metric", "expected", "tolerance"])
+        w.writeheader()
+        w.writerows(rows_)
+    return path
+
+
+def test_check_passes_on_matching_table_and_fails_when_shifted(tmp_path, capsys):
+    g = write(tmp_path, GRID)
+    db = str(tmp_path / "r.db")
+    run_grid(load_grid(g), Store(db), log=lambda *_: None)
+    st = Store(db)
+    good, shifted = [], []
+    for j in st.jobs(status="done"):
+        v = st.metrics(j.id)["robust_accuracy"].value
+        key = dict(defense=j.defense, threat=j.threat, dataset=j.dataset, classifier=j.classifier, metric="robust_accuracy")
+        good.append({**key, "expected": v, "tolerance": ""})
+        shifted.append({**key, "expected": min(1.0, v + 0.4) if v < 0.5 else v - 0.4, "tolerance": ""})
+    assert main(["check", str(_table(tmp_path / "good.csv", good)), "--db", db]) == 0
+    assert f"{len(good)}/{len(good)} within tolerance" in capsys.readouterr().out and len(good) == 7
+    assert main(["check", str(_table(tmp_path / "bad.csv", shifted)), "--db", db]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "0/7 within tolerance" in out
+    # an explicit tolerance, and a row nothing matches
+    tol = [{**good[0], "expected": good[0]["expected"] + 0.01, "tolerance": "0.02"},
+           {**good[0], "defense": "nonexistent", "tolerance": "0.5"}]
+    assert main(["check", str(_table(tmp_path / "tol.csv", tol)), "--db", db]) == 1
+    out = capsys.readouterr().out
+    assert "1/2 within tolerance" in out and "no finished job matches" in out
+
+
+def test_check_rejects_malformed_tables(tmp_path, capsys):
+    p = tmp_path / "t.csv"
+    p.write_text("defense,threat\nnone,bpda\n")
+    assert main(["check", str(p), "--db", str(tmp_path / "r.db")]) == 2
+    assert "missing column" in capsys.readouterr().err
+    p.write_text("defense,threat,dataset,classifier,metric,expected,tolerance\nnone,bpda,digits,c,m,abc,\n")
+    assert main(["check", str(p), "--db", str(tmp_path / "r.db")]) == 2
+    assert "line 2: expected='abc' is not a number" in capsys.readouterr().err
