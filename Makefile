@@ -4,9 +4,12 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PIP     := $(BIN)/pip
+# Tests that use real CIFAR data and checkpoints read them from $HARNESS_SHARED.
+ifneq ($(wildcard ../shared/data),)
 export HARNESS_SHARED ?= $(abspath ../shared)
+endif
 
-.PHONY: run test install clean
+.PHONY: run test smoke install clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,8 +24,17 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/harness run --defense none --threat preprocessor-blind
 
+# The whole suite (it includes the smoke grid and the regression check of its table).
 test: $(STAMP)
+	sh dashboard/install_browser.sh
 	$(BIN)/python -m pytest -q -n 2 tests
+
+# The smoke grid and its regression check alone (tests/test_smoke_grid.py runs the same).
+SMOKE_DB ?= $(VENV)/smoke.db
+smoke: $(STAMP)
+	rm -f $(SMOKE_DB) $(SMOKE_DB)-wal $(SMOKE_DB)-shm
+	$(BIN)/harness grid grids/smoke.yaml --db $(SMOKE_DB)
+	$(BIN)/harness check tables/smoke.csv --db $(SMOKE_DB)
 
 clean:
 	rm -rf $(VENV) results.db

@@ -7,6 +7,7 @@ Subcommands:
   show      one job in full: configuration, identity, metrics, curve, environment
   grid      run a YAML grid (local worker processes or Ray), skipping stored cells
   check     compare stored results with an accuracy table; non-zero exit on regressions
+  dashboard the Streamlit leaderboard over a store (read-only)
   train     train the models the harness ships (``harness train classifier ...``)
 
 Bad input exits with status 2 and a one-line ``error: ...`` on stderr.
@@ -296,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("table", help="CSV: defense,threat,dataset,classifier,metric,expected,tolerance")
     ck.add_argument("--db", default=None)
     ck.set_defaults(func=cmd_check)
+
+    from dashboard.cli import add_dashboard_parser
+
+    add_dashboard_parser(sub)
 
     from harness.trainers import load_trainers
 

@@ -1,0 +1,608 @@
+"""Read-only queries over the results store and the leaderboard built from them.
+
+Pure SQLAlchemy + pandas (no Streamlit), shared by the page (:mod:`dashboard.app`),
+the tests and ``bench/bench_dashboard.py``. Accuracies are fractions in [0, 1] as the
+store keeps them; only the display helpers turn them into percentages.
+
+The leaderboard has one row per (defense, classifier, dataset):
+
+- ``robust:<threat>``: for each threat model, the lowest robust accuracy among the
+  finished jobs of that row under that threat (the strongest known attack; several
+  jobs differ by seed or budget), with its 95% Wilson interval, n, gradient path, EOT
+  samples and evaluation draws, and ``jobs``: how many jobs the minimum is taken over.
+- ``worst``: the minimum over every threat run (the headline; RobustBench's "best known
+  robust accuracy"), with the interval, n and provenance of the job that gave it.
+- ``clean``: the clean accuracy of the row's job with the most examples.
+- ``non_adaptive_only``: no threat whose attack differentiates through the purifier
+  (job column ``adaptive``) was run, so the headline is an upper bound at best.
+
+Filter on norm and eps to compare like with like: :func:`mixed_budgets` says when a
+filtered set mixes budgets within a dataset.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+from urllib.parse import quote, unquote
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import String, and_, create_engine, event, inspect, select, type_coerce
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import NullPool
+
+from harness.store import CurveRow, ExampleRow, Job, MetricRow, SampleRow, decode_images, resolve_url
+
+KEY = ["defense", "classifier", "dataset"]
+#: Column order of the threat models the harness ships; others follow alphabetically.
+THREAT_ORDER = ("preprocessor-blind", "bpda", "adaptive")
+#: Scoring rules over the R evaluation draws; "headline" = the rule the threat spec names.
+RULES = ("headline", "worst", "majority", "single")
+FILTERS = ("dataset", "classifier", "norm", "eps", "threat")
+
+JOB_COLUMNS = [
+    "job_id", "status", "reason", "defense", "threat", "dataset", "classifier", "seed", "n_examples", "norm", "eps",
+    "gradient_path", "eot_samples", "eval_draws", "stochastic", "adaptive", "finished_at",
+    "total_s", "per_example_s", "classifier_images", "purifier_nfe_images",
+    "clean", "clean_lo", "clean_hi", "clean_n", "robust", "robust_lo", "robust_hi", "robust_n",
+]
+
+EMPTY_HELP = """\
+**No finished jobs in `{db}` yet.** Produce results with the harness, then reload this page:
+
+```bash
+harness run --defense none --threat preprocessor-blind --db {db}
+harness run --defense none --threat adaptive --db {db}
+harness dashboard --db {db}
+```
+
+`harness ls` lists the defenses and threat models; every finished job appears here.
+"""
+
+
+# --------------------------------------------------------------------------- connection
+def sqlite_file(url: str) -> Path | None:
+    """The database file behind a SQLite URL (None for in-memory and other databases)."""
+    if not url.startswith("sqlite"):
+        return None
+    rest = url.split("://", 1)[1] if "://" in url else ""
+    if not rest.startswith("/"):
+        return None  # sqlite:// (memory)
+    path = rest[1:].partition("?")[0]
+    if path.startswith("file:"):
+        path = unquote(path[5:])
+    if path in ("", ":memory:"):
+        return None
+    return Path(path).expanduser()
+
+
+def readonly_url(db: str | None) -> str:
+    """``--db`` (path or URL) -> a URL SQLite opens read-only (``mode=ro``).
+
+    Other databases are passed through: point the dashboard at a read-only role there.
+    """
+    url = resolve_url(db)
+    path = sqlite_file(url)
+    if path is None:
+        return url
+    return f"sqlite:///file:{quote(str(path.resolve()))}?mode=ro&uri=true"
+
+
+def make_engine(db: str | None) -> Engine:
+    """A read-only engine: SQLite opened with ``mode=ro`` and ``PRAGMA query_only``."""
+    url = readonly_url(db)
+    if not url.startswith("sqlite"):
+        return create_engine(url)
+    # NullPool: a fresh connection per query (cheap for SQLite) always sees the current
+    # file, even when the store is replaced on disk while the page is open
+    engine = create_engine(url, connect_args={"timeout": 30}, poolclass=NullPool)
+
+    @event.listens_for(engine, "connect")
+    def _ro(dbapi_conn, _record):
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA query_only=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    return engine
+
+
+def store_signature(db: str | None) -> tuple:
+    """Cache key that changes whenever the store does: mtime and size of the SQLite file
+    and of its WAL (writers append to the WAL first). Other databases: a 30 s bucket."""
+    url = resolve_url(db)
+    path = sqlite_file(url)
+    if path is None:
+        return ("url", url, int(time.time() // 30))
+    sig: list[Any] = [str(path)]
+    for f in (path, path.with_name(path.name + "-wal")):
+        try:
+            st = f.stat()
+        except OSError:
+            st = None
+        # an empty WAL (a reader may create one) holds nothing: same as none
+        sig += [st.st_mtime_ns, st.st_size] if st is not None and st.st_size > 0 else [None, None]
+    return tuple(sig)
+
+
+def store_missing(db: str | None) -> bool:
+    path = sqlite_file(resolve_url(db))
+    return path is not None and not path.exists()
+
+
+def has_jobs_table(engine: Engine) -> bool:
+    return inspect(engine).has_table("jobs")
+
+
+# --------------------------------------------------------------------------- jobs
+def metric_names(rule: str = "headline") -> tuple[str, str]:
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    suffix = "" if rule == "headline" else f"_{rule}"
+    return f"clean_accuracy{suffix}", f"robust_accuracy{suffix}"
+
+
+def empty_jobs() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype="float64" if c in ("eps",) else "object") for c in JOB_COLUMNS})
+
+
+def load_jobs(engine: Engine, rule: str = "headline") -> pd.DataFrame:
+    """Every job (any status) with its clean and robust accuracy under ``rule`` and its
+    cost, one row per job, in one SQL query (two joins on the metrics index)."""
+    if not has_jobs_table(engine):
+        return empty_jobs()
+    clean_name, robust_name = metric_names(rule)
+    j = Job.__table__
+    c = MetricRow.__table__.alias("c")
+    r = MetricRow.__table__.alias("r")
+    t, nf = j.c.timings, j.c.nfe
+    stmt = (
+        select(
+            j.c.id, j.c.status, j.c.reason, j.c.defense, j.c.threat, j.c.dataset, j.c.classifier, j.c.seed,
+            j.c.n_examples, j.c.norm, j.c.eps, j.c.gradient_path, j.c.eot_samples, j.c.eval_draws, j.c.stochastic,
+            j.c.adaptive, type_coerce(j.c.finished_at, String),  # parsed below, vectorised
+            t["total_s"].as_float(), t["per_example_s"].as_float(),
+            nf["classifier_images"].as_float(), nf["purifier_nfe_images"].as_float(),
+            c.c.value, c.c.lower, c.c.upper, c.c.n, r.c.value, r.c.lower, r.c.upper, r.c.n,
+        )
+        .select_from(
+            j.outerjoin(c, and_(c.c.job_id == j.c.id, c.c.name == clean_name)).outerjoin(
+                r, and_(r.c.job_id == j.c.id, r.c.name == robust_name)
+            )
+        )
+    )
+    with engine.connect() as conn:
+        rows = [tuple(r) for r in conn.execute(stmt)]  # plain tuples: pandas probes Row attributes slowly
+    if not rows:
+        return empty_jobs()
+    df = pd.DataFrame.from_records(rows, columns=JOB_COLUMNS)
+    for col in ("eps", "total_s", "per_example_s", "classifier_images", "purifier_nfe_images",
+                "clean", "clean_lo", "clean_hi", "robust", "robust_lo", "robust_hi"):
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
+    for col in ("clean_n", "robust_n", "n_examples", "eot_samples", "eval_draws", "seed"):
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
+    df["adaptive"] = df["adaptive"].fillna(False).astype(bool)
+    df["stochastic"] = df["stochastic"].fillna(False).astype(bool)
+    n = df["n_examples"].astype("float64").where(lambda s: s > 0)
+    df["nfe_per_example"] = df["purifier_nfe_images"] / n
+    df["classifier_per_example"] = df["classifier_images"] / n
+    df["finished_at"] = pd.to_datetime(df["finished_at"], errors="coerce", utc=True, format="ISO8601")
+    return df
+
+
+def threat_order(threats: Iterable[str]) -> list[str]:
+    ts = {t for t in threats if isinstance(t, str)}
+    return [t for t in THREAT_ORDER if t in ts] + sorted(ts - set(THREAT_ORDER))
+
+
+def filter_options(jobs: pd.DataFrame) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for f in FILTERS:
+        vals = jobs[f].dropna().unique().tolist() if f in jobs else []
+        if f == "threat":
+            out[f] = threat_order(vals)
+        elif f == "eps":
+            out[f] = sorted({round(float(v), 10) for v in vals})
+        else:
+            out[f] = sorted(str(v) for v in vals)
+    return out
+
+
+def apply_filters(jobs: pd.DataFrame, **selected: Sequence | None) -> pd.DataFrame:
+    """Keep jobs matching every non-empty selection (``dataset=[...]``, ``eps=[...]``...)."""
+    mask = pd.Series(True, index=jobs.index)
+    for f, values in selected.items():
+        if f not in FILTERS:
+            raise ValueError(f"unknown filter {f!r} (known: {', '.join(FILTERS)})")
+        if not values:
+            continue
+        if f == "eps":
+            col = jobs["eps"].to_numpy(dtype="float64")
+            m = np.zeros(len(jobs), dtype=bool)
+            for v in values:
+                m |= np.isclose(col, float(v), rtol=1e-9, atol=1e-12)
+            mask &= m
+        else:
+            mask &= jobs[f].isin(list(values))
+    return jobs[mask]
+
+
+def fmt_eps(eps: float | None) -> str:
+    if eps is None or (isinstance(eps, float) and math.isnan(eps)):
+        return "-"
+    k = eps * 255
+    if 0 < k <= 32.5 and abs(k - round(k)) < 1e-6:  # the usual CIFAR budgets: 1/255 ... 32/255
+        return f"{int(round(k))}/255"
+    return f"{eps:.4g}"
+
+
+def mixed_budgets(jobs: pd.DataFrame) -> dict[str, list[str]]:
+    """Datasets whose finished jobs mix several (norm, eps) budgets -> those budgets."""
+    done = jobs[jobs["status"] == "done"]
+    out: dict[str, list[str]] = {}
+    if done.empty:
+        return out
+    b = done[["dataset", "norm", "eps"]].drop_duplicates()
+    for ds, g in b.groupby("dataset"):
+        if len(g) > 1:
+            out[str(ds)] = [f"{nm} {fmt_eps(e)}" for nm, e in zip(g["norm"], g["eps"])]
+    return out
+
+
+# --------------------------------------------------------------------------- leaderboard
+_CELL = {"robust": "", "robust_lo": ":lo", "robust_hi": ":hi", "robust_n": ":n", "gradient_path": ":path",
+         "eot_samples": ":eot", "eval_draws": ":draws", "adaptive": ":adaptive", "jobs": ":jobs", "job_id": ":job"}
+
+
+_SLIM = KEY + ["threat", "status", "reason", "job_id", "finished_at", "gradient_path", "eot_samples", "eval_draws", "adaptive",
+               "clean", "clean_lo", "clean_hi", "clean_n", "robust", "robust_lo", "robust_hi", "robust_n"]
+
+
+def leaderboard(jobs: pd.DataFrame) -> pd.DataFrame:
+    """The leaderboard (numeric, wide), sorted by worst-case robust accuracy (descending).
+
+    Columns: defense, classifier, dataset; ``clean``, ``clean:lo``, ``clean:hi``,
+    ``clean:n``, ``clean:job``; per threat ``robust:<t>`` with ``:lo :hi :n :path :eot
+    :draws :adaptive :jobs :job :note`` (note: why a cell is empty: skipped/failed);
+    ``worst`` with ``:lo :hi :n :threat :path :eot :draws :job``; ``adaptive_evaluated``,
+    ``non_adaptive_only``, ``threats_run``, ``n_jobs``.
+    """
+    threats = threat_order(jobs["threat"].unique()) if len(jobs) else []
+    slim = jobs[[c for c in _SLIM if c in jobs]]
+    out = slim[KEY].drop_duplicates().set_index(KEY)
+    is_done = slim["status"] == "done"
+    done = slim[is_done & slim["robust"].notna()]
+
+    cl = slim[is_done & slim["clean"].notna()]
+    cl = cl.sort_values(["clean_n", "finished_at"], ascending=[False, False], na_position="last").drop_duplicates(KEY)
+    cl = cl.set_index(KEY)[["clean", "clean_lo", "clean_hi", "clean_n", "job_id"]]
+    cl.columns = ["clean", "clean:lo", "clean:hi", "clean:n", "clean:job"]
+    out = out.join(cl)
+
+    # one cell per (row, threat): the job with the lowest robust accuracy (most examples on ties)
+    cells = done.sort_values(["robust", "robust_n", "finished_at"], ascending=[True, False, False], na_position="last")
+    cells = cells.drop_duplicates(KEY + ["threat"]).set_index(KEY + ["threat"])
+    cells["jobs"] = done.groupby(KEY + ["threat"]).size()
+    wide = cells[list(_CELL)].unstack("threat")
+    wide.columns = [f"robust:{t}{_CELL[f]}" for f, t in wide.columns]
+    un = slim[slim["status"].isin(["skipped", "failed"])].drop_duplicates(KEY + ["threat"], keep="last")
+    notes = (un["status"].astype(str) + ": " + un["reason"].fillna("").astype(str).str.slice(0, 160)).to_frame("note")
+    notes.index = pd.MultiIndex.from_frame(un[KEY + ["threat"]])
+    notes = notes["note"].unstack("threat") if len(notes) else pd.DataFrame(index=out.index)
+    notes.columns = [f"robust:{t}:note" for t in notes.columns]
+    out = out.join(wide).join(notes)
+    cols = ["clean", "clean:lo", "clean:hi", "clean:n", "clean:job"]
+    for t in threats:
+        for suffix in list(_CELL.values()) + [":note"]:
+            c = f"robust:{t}{suffix}"
+            if c not in out:
+                out[c] = None
+            cols.append(c)
+        out.loc[out[f"robust:{t}"].notna(), f"robust:{t}:note"] = None  # a finished job supersedes a failed one
+    out = out[cols]
+
+    w = cells.reset_index().sort_values(["robust", "robust_n"], ascending=[True, False], na_position="last").drop_duplicates(KEY)
+    w = w.set_index(KEY)[["robust", "robust_lo", "robust_hi", "robust_n", "threat", "gradient_path", "eot_samples", "eval_draws", "job_id"]]
+    w.columns = ["worst", "worst:lo", "worst:hi", "worst:n", "worst:threat", "worst:path", "worst:eot", "worst:draws", "worst:job"]
+    out = out.join(w)
+
+    g = done.groupby(KEY)
+    out = out.join(g["adaptive"].any().rename("adaptive_evaluated")).join(g.size().rename("n_jobs"))
+    out["adaptive_evaluated"] = out["adaptive_evaluated"].astype("boolean").fillna(False).astype(bool)
+    out["n_jobs"] = out["n_jobs"].fillna(0).astype(int)
+    out["non_adaptive_only"] = (out["n_jobs"] > 0) & ~out["adaptive_evaluated"]
+    ran = [np.where(out[f"robust:{t}"].notna(), t, "") for t in threats]
+    out["threats_run"] = [", ".join(x for x in r if x) for r in zip(*ran)] if threats else ""
+    out = out.reset_index().sort_values(["worst", "clean", "defense"], ascending=[False, False, True], na_position="last")
+    return out.reset_index(drop=True)
+
+
+def lb_threats(lb: pd.DataFrame) -> list[str]:
+    """The threat models that have a column in a leaderboard, in column order."""
+    return [c.split(":", 1)[1] for c in lb.columns if c.startswith("robust:") and c.count(":") == 1]
+
+
+def row_labels(lb: pd.DataFrame) -> pd.Series:
+    """'defense' when the table has one (classifier, dataset), else 'defense · classifier · dataset'."""
+    if lb.empty:
+        return pd.Series([], dtype=object)
+    if lb[["classifier", "dataset"]].drop_duplicates().shape[0] == 1:
+        return lb["defense"].astype(str)
+    return lb["defense"].astype(str) + " · " + lb["classifier"].astype(str) + " · " + lb["dataset"].astype(str)
+
+
+def _pct(v) -> str:
+    return f"{100 * v:.1f}"
+
+
+def fmt_interval(acc, lo, hi, n) -> str:
+    if acc is None or pd.isna(acc):
+        return ""
+    s = _pct(acc)
+    if lo is not None and not pd.isna(lo) and hi is not None and not pd.isna(hi):
+        s += f" [{_pct(lo)}, {_pct(hi)}]"
+    if n is not None and not pd.isna(n):
+        s += f" n={int(n)}"
+    return s
+
+
+def fmt_provenance(path, eot, draws) -> str:
+    if path is None or pd.isna(path):
+        return ""
+    s = f"{path}, EOT {int(eot) if not pd.isna(eot) else '?'}"
+    if draws is not None and not pd.isna(draws) and int(draws) > 1:
+        s += f", R {int(draws)}"
+    return s
+
+
+def _col(lb: pd.DataFrame, name: str) -> list:
+    return lb[name].tolist() if name in lb else [None] * len(lb)
+
+
+def display_table(lb: pd.DataFrame) -> pd.DataFrame:
+    """The leaderboard as the page shows it: one text cell per metric, each with its
+    95% interval, n, gradient path and EOT samples (and R evaluation draws when > 1).
+
+    ``†`` marks a non-adaptive cell (the attack ignores or approximates the purifier's
+    gradient); ``⚠`` marks a row whose every threat was non-adaptive."""
+    threats = lb_threats(lb)
+    out = pd.DataFrame(
+        {
+            "Defense": lb["defense"].astype(str).tolist(),
+            "Classifier": lb["classifier"].astype(str).tolist(),
+            "Dataset": lb["dataset"].astype(str).tolist(),
+            "Worst-case robust %": (lb["worst"] * 100).round(2).tolist(),
+        }
+    )
+    worst = []
+    for acc, lo, hi, n, thr, path, eot, draws, nao in zip(
+        _col(lb, "worst"), _col(lb, "worst:lo"), _col(lb, "worst:hi"), _col(lb, "worst:n"), _col(lb, "worst:threat"),
+        _col(lb, "worst:path"), _col(lb, "worst:eot"), _col(lb, "worst:draws"), _col(lb, "non_adaptive_only"),
+    ):
+        if acc is None or pd.isna(acc):
+            worst.append("–")
+            continue
+        s = f"{fmt_interval(acc, lo, hi, n)} · {thr} ({fmt_provenance(path, eot, draws)})"
+        worst.append(("⚠ " + s) if nao else s)
+    out["Worst case (95% CI, n, threat, path)"] = worst
+    out["Clean (95% CI, n)"] = [
+        fmt_interval(a, lo, hi, n) or "–" for a, lo, hi, n in zip(_col(lb, "clean"), _col(lb, "clean:lo"), _col(lb, "clean:hi"), _col(lb, "clean:n"))
+    ]
+    for t in threats:
+        p = f"robust:{t}"
+        cells = []
+        for acc, lo, hi, n, path, eot, draws, ad, k, note in zip(
+            _col(lb, p), _col(lb, p + ":lo"), _col(lb, p + ":hi"), _col(lb, p + ":n"), _col(lb, p + ":path"),
+            _col(lb, p + ":eot"), _col(lb, p + ":draws"), _col(lb, p + ":adaptive"), _col(lb, p + ":jobs"), _col(lb, p + ":note"),
+        ):
+            if acc is None or pd.isna(acc):
+                cells.append(note if isinstance(note, str) and note else "–")
+                continue
+            s = f"{fmt_interval(acc, lo, hi, n)} · {fmt_provenance(path, eot, draws)}"
+            if not (isinstance(ad, (bool, np.bool_)) and ad):
+                s += " †"
+            if k is not None and not pd.isna(k) and int(k) > 1:
+                s += f" (min of {int(k)} jobs)"
+            cells.append(s)
+        out[f"Robust: {t}"] = cells
+    out["Evaluated by"] = [
+        ("⚠ non-adaptive only: " + tr) if nao else tr for tr, nao in zip(_col(lb, "threats_run"), _col(lb, "non_adaptive_only"))
+    ]
+    out["Jobs"] = _col(lb, "n_jobs")
+    return out
+
+
+# --------------------------------------------------------------------------- export
+def to_csv(lb: pd.DataFrame) -> str:
+    """The filtered leaderboard, every numeric column (fractions in [0, 1]), as CSV."""
+    return lb.to_csv(index=False, float_format="%.6g")
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
+        "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def tex_escape(s: Any) -> str:
+    return "".join(_TEX.get(ch, ch) for ch in str(s))
+
+
+def _tex_cells(acc: pd.Series, lo: pd.Series, hi: pd.Series) -> list[str]:
+    out = []
+    for a, l, h in zip(acc.tolist(), lo.tolist(), hi.tolist()):
+        if a is None or pd.isna(a):
+            out.append("--")
+        elif l is None or pd.isna(l) or h is None or pd.isna(h):
+            out.append(_pct(a))
+        else:
+            out.append(rf"{_pct(a)} {{\scriptsize [{_pct(l)}, {_pct(h)}]}}")
+    return out
+
+
+def to_latex(lb: pd.DataFrame, caption: str | None = None) -> str:
+    """The filtered leaderboard as a booktabs LaTeX table (accuracies in %, 95% Wilson
+    intervals); a dagger marks rows evaluated by non-adaptive threats only."""
+    threats = lb_threats(lb)
+    head = ["Defense", "Classifier", "Dataset", "Clean"] + [tex_escape(t) for t in threats] + ["Worst case"]
+    lines = [
+        "% Generated by `harness dashboard`: robust accuracy (%) with 95% Wilson intervals.",
+        "% Requires \\usepackage{booktabs}.",
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\begin{tabular}{lll" + "r" * (len(head) - 3) + "}",
+        r"\toprule",
+        " & ".join(head) + r" \\",
+        r"\midrule",
+    ]
+    cols = [[tex_escape(v) for v in lb[k].tolist()] for k in KEY]
+    cols.append(_tex_cells(lb["clean"], lb["clean:lo"], lb["clean:hi"]))
+    for t in threats:
+        cols.append(_tex_cells(lb[f"robust:{t}"], lb[f"robust:{t}:lo"], lb[f"robust:{t}:hi"]))
+    dagger = lb["non_adaptive_only"].astype(bool).tolist()
+    cols.append([c + (r"$^\dagger$" if d else "") for c, d in zip(_tex_cells(lb["worst"], lb["worst:lo"], lb["worst:hi"]), dagger)])
+    lines += [" & ".join(row) + r" \\" for row in zip(*cols)]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    cap = caption or "Robust accuracy (\\%) with 95\\% Wilson intervals; worst case = minimum over the threat models run."
+    if any(dagger):
+        cap += r" $^\dagger$Evaluated by non-adaptive threats only."
+    lines += [rf"\caption{{{cap}}}", r"\label{tab:leaderboard}", r"\end{table}", ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- chart data
+def scatter_data(lb: pd.DataFrame) -> pd.DataFrame:
+    """Clean vs worst-case robust accuracy (%) per leaderboard row, with intervals."""
+    d = lb[lb["worst"].notna() & lb["clean"].notna()] if len(lb) else lb
+    labels = row_labels(lb).loc[d.index] if len(lb) else pd.Series([], dtype=object)
+    return pd.DataFrame(
+        {
+            "row": labels.tolist(), "defense": d["defense"].tolist(), "dataset": d["dataset"].tolist(),
+            "classifier": d["classifier"].tolist(),
+            "clean": (d["clean"] * 100).tolist(), "clean_lo": (d["clean:lo"] * 100).tolist(), "clean_hi": (d["clean:hi"] * 100).tolist(),
+            "worst": (d["worst"] * 100).tolist(), "worst_lo": (d["worst:lo"] * 100).tolist(), "worst_hi": (d["worst:hi"] * 100).tolist(),
+            "worst_threat": d["worst:threat"].tolist(),
+            "evaluation": np.where(d["non_adaptive_only"], "non-adaptive only", "adaptive").tolist(),
+        }
+    )
+
+
+def per_threat_long(lb: pd.DataFrame, top: int | None = 25) -> pd.DataFrame:
+    """Robust accuracy (%) per (leaderboard row, threat), long format, first ``top`` rows."""
+    d = lb.head(top) if top else lb
+    labels = row_labels(lb).loc[d.index] if len(lb) else pd.Series([], dtype=object)
+    parts = []
+    for t in lb_threats(lb):
+        p = f"robust:{t}"
+        part = pd.DataFrame(
+            {
+                "row": labels.tolist(), "rank": range(len(d)), "threat": t, "robust": (d[p] * 100).tolist(),
+                "lo": (d[p + ":lo"] * 100).tolist(), "hi": (d[p + ":hi"] * 100).tolist(), "n": d[p + ":n"].tolist(),
+                "path": d[p + ":path"].tolist(), "eot": d[p + ":eot"].tolist(),
+            }
+        )
+        parts.append(part[part["robust"].notna()])
+    if not parts:
+        return pd.DataFrame(columns=["row", "rank", "threat", "robust", "lo", "hi", "n", "path", "eot"])
+    return pd.concat(parts, ignore_index=True)
+
+
+def cost_table(jobs: pd.DataFrame, rows: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Cost per example of finished jobs, median over the jobs of each (defense, threat):
+    purifier NFEs (network evaluations of the purifier, attack + evaluation), classifier
+    images and seconds. ``rows`` (a leaderboard) restricts it to those defenses."""
+    done = jobs[jobs["status"] == "done"]
+    if rows is not None:
+        done = done[done["defense"].isin(rows["defense"])]
+    if done.empty:
+        return pd.DataFrame(columns=["defense", "threat", "nfe_per_example", "classifier_per_example", "seconds_per_example", "jobs"])
+    g = done.groupby(["defense", "threat"])
+    out = pd.DataFrame(
+        {
+            "nfe_per_example": g["nfe_per_example"].median(),
+            "classifier_per_example": g["classifier_per_example"].median(),
+            "seconds_per_example": g["per_example_s"].median(),
+            "jobs": g.size(),
+        }
+    ).reset_index()
+    return out
+
+
+# --------------------------------------------------------------------------- one job
+def job_detail(engine: Engine, job_id: str) -> dict[str, Any] | None:
+    with engine.connect() as conn:
+        row = conn.execute(select(Job.__table__).where(Job.__table__.c.id == job_id)).mappings().first()
+    return None if row is None else dict(row)
+
+
+def job_metrics(engine: Engine, job_id: str) -> pd.DataFrame:
+    m = MetricRow.__table__
+    with engine.connect() as conn:
+        rows = conn.execute(select(m.c.name, m.c.value, m.c.lower, m.c.upper, m.c.n).where(m.c.job_id == job_id).order_by(m.c.name)).all()
+    return pd.DataFrame.from_records(rows, columns=["name", "value", "lower", "upper", "n"])
+
+
+def job_curves(engine: Engine, job_id: str) -> pd.DataFrame:
+    c = CurveRow.__table__
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(c.c.attack, c.c.iteration, c.c.accuracy, c.c.n).where(c.c.job_id == job_id).order_by(c.c.attack, c.c.iteration)
+        ).all()
+    return pd.DataFrame.from_records(rows, columns=["attack", "iteration", "accuracy", "n"])
+
+
+def job_examples(engine: Engine, job_id: str, limit: int | None = None) -> pd.DataFrame:
+    e = ExampleRow.__table__
+    cols = [c for c in e.c if c.name not in ("id", "job_id")]
+    stmt = select(*cols).where(e.c.job_id == job_id).order_by(e.c.position)
+    if limit:
+        stmt = stmt.limit(limit)
+    with engine.connect() as conn:
+        rows = conn.execute(stmt).all()
+    return pd.DataFrame.from_records(rows, columns=[c.name for c in cols])
+
+
+def examples_for_display(ex: pd.DataFrame) -> pd.DataFrame:
+    """Per-example rows with the R predictions as short strings (Arrow-friendly)."""
+    if ex.empty:
+        return ex
+    d = ex.copy()
+    d["clean_preds"] = [" ".join(map(str, p)) for p in d["clean_preds"]]
+    d["adv_preds"] = ["; ".join(f"{a}: {' '.join(map(str, v))}" for a, v in p.items()) for p in d["adv_preds"]]
+    return d
+
+
+def job_samples(engine: Engine, job_id: str) -> list[tuple[int, dict[str, np.ndarray]]]:
+    s = SampleRow.__table__
+    with engine.connect() as conn:
+        rows = conn.execute(select(s.c.position, s.c.images).where(s.c.job_id == job_id).order_by(s.c.position)).all()
+    return [(int(p), decode_images(b)) for p, b in rows]
+
+
+def majority(preds: Sequence[int]) -> int | None:
+    if not preds:
+        return None
+    vals, counts = np.unique(np.asarray(preds), return_counts=True)
+    return int(vals[counts.argmax()])
+
+
+def to_display_image(chw: np.ndarray, size: int = 112) -> np.ndarray:
+    """uint8 CHW (1 or 3 channels) -> HW or HWC uint8, upscaled by an integer factor
+    (nearest neighbour) to about ``size`` pixels so 8x8 digits stay visible."""
+    a = np.asarray(chw)
+    if a.ndim == 3:
+        a = a[0] if a.shape[0] == 1 else np.transpose(a[:3], (1, 2, 0))
+    f = max(1, size // max(a.shape[0], 1))
+    if f > 1:
+        a = np.repeat(np.repeat(a, f, axis=0), f, axis=1)
+    return np.ascontiguousarray(a.astype(np.uint8))
+
+
+def perturbation_image(clean: np.ndarray, adv: np.ndarray, size: int = 112) -> tuple[np.ndarray, float]:
+    """(adv - clean) mapped to [0, 255] around mid-grey, amplified to the largest
+    change; returns the image and the l_inf of the change in [0, 1] units."""
+    d = adv.astype(np.int16) - clean.astype(np.int16)
+    m = int(np.abs(d).max())
+    img = np.full(d.shape, 128, dtype=np.int16) if m == 0 else 128 + d * 127 // m
+    return to_display_image(img.clip(0, 255).astype(np.uint8), size), m / 255.0

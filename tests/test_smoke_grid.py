@@ -1,0 +1,24 @@
+"""CI's regression check: run grids/smoke.yaml through the CLI and check tables/smoke.csv.
+
+The table's expected numbers come from a run of the same grid; the default tolerance is
+each stored result's 95% interval, so numerical noise across machines passes while a
+real change in a defense, an attack or the scoring fails.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_smoke_grid_matches_its_accuracy_table(tmp_path):
+    db = str(tmp_path / "smoke.db")
+    cli = [sys.executable, "-m", "harness.cli"]
+    grid = subprocess.run(cli + ["grid", str(ROOT / "grids" / "smoke.yaml"), "--db", db], capture_output=True, text=True, timeout=1800)
+    assert grid.returncode == 0, grid.stdout + grid.stderr
+    assert "FAILED" not in grid.stdout
+    check = subprocess.run(cli + ["check", str(ROOT / "tables" / "smoke.csv"), "--db", db], capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stdout + check.stderr
