@@ -26,7 +26,7 @@ class Trainer:
 TRAINERS: Registry[Trainer] = Registry("trainer")
 
 #: Modules that register trainers; imported lazily by the CLI (heavy imports stay out of `harness ls`).
-TRAINER_MODULES = ("harness.train_classifier", "harness.train_diffusion")
+TRAINER_MODULES = ("harness.train_classifier", "harness.train_diffusion", "harness.train_flowpure", "harness.train_maep")
 
 
 def load_trainers() -> Registry[Trainer]:

@@ -118,3 +118,11 @@ def test_projection_l2_and_linf():
     assert torch.allclose((p - x).flatten(1).norm(dim=1), torch.tensor([0.5 * 4, 0.5 * 4])) or (p - x).flatten(1).norm(dim=1).max() <= 1.0 + 1e-6
     p = A.project(far, x, "linf", 0.1)
     assert torch.allclose(p, x + 0.1)
+
+
+def test_pgd_with_per_example_budgets(tiny_clf, images01, labels):
+    eps = torch.tensor([0.0, 0.02, 0.05, 0.1, 0.2, 0.3])
+    res = A.pgd(tiny_clf, images01, labels, norm="linf", eps=eps, steps=5, step_size=eps / 4, rand_start=True,
+                generator=torch.Generator().manual_seed(0))
+    per = (res.x_adv - images01).flatten(1).abs().max(1).values
+    assert (per <= eps + 1e-6).all()

@@ -37,26 +37,35 @@ def _flat_norm(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
 
 
-def project(x_adv: torch.Tensor, x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
-    """Project onto the eps-ball around ``x`` intersected with [0, 1]."""
+def _eps(eps, x: torch.Tensor):
+    """A float, or a per-example (B,) tensor of budgets shaped to broadcast over x."""
+    if isinstance(eps, torch.Tensor):
+        return eps.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    return eps
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, norm: str, eps) -> torch.Tensor:
+    """Project onto the eps-ball around ``x`` intersected with [0, 1] (eps: float or (B,))."""
+    e = _eps(eps, x)
     delta = x_adv - x
     if norm == "linf":
-        delta = delta.clamp(-eps, eps)
+        delta = torch.maximum(torch.minimum(delta, torch.as_tensor(e, dtype=x.dtype, device=x.device)), -torch.as_tensor(e, dtype=x.dtype, device=x.device))
     else:
         n = _flat_norm(delta)
-        delta = delta * torch.clamp(eps / (n + 1e-12), max=1.0)
+        delta = delta * torch.clamp(e / (n + 1e-12), max=1.0)
     return (x + delta).clamp(0.0, 1.0)
 
 
-def random_start(x: torch.Tensor, norm: str, eps: float, generator: torch.Generator | None) -> torch.Tensor:
+def random_start(x: torch.Tensor, norm: str, eps, generator: torch.Generator | None) -> torch.Tensor:
     gdev = generator.device if generator is not None else x.device
+    e = _eps(eps, x)
     if norm == "linf":
         u = torch.rand(x.shape, generator=generator, device=gdev, dtype=x.dtype).to(x.device)
-        delta = (2 * u - 1) * eps
+        delta = (2 * u - 1) * e
     else:
         d = torch.randn(x.shape, generator=generator, device=gdev, dtype=x.dtype).to(x.device)
         r = torch.rand((x.shape[0],), generator=generator, device=gdev, dtype=x.dtype).to(x.device)
-        delta = d / (_flat_norm(d) + 1e-12) * (eps * r).view(-1, *([1] * (x.dim() - 1)))
+        delta = d / (_flat_norm(d) + 1e-12) * (e * r.view(-1, *([1] * (x.dim() - 1))))
     return project(x + delta, x, norm, eps)
 
 
@@ -128,9 +137,9 @@ def pgd(
     y: torch.Tensor,
     *,
     norm: str,
-    eps: float,
+    eps,
     steps: int,
-    step_size: float,
+    step_size,
     restarts: int = 1,
     rand_start: bool = True,
     loss: str = "ce",
@@ -144,8 +153,9 @@ def pgd(
 
     Args:
         model: [0,1] images -> logits (stochastic models draw fresh noise per call).
-        norm, eps: threat geometry; ``step_size`` is a sign step (linf) or a step along
-            the l2-normalised gradient (l2).
+        norm, eps: threat geometry; ``eps`` and ``step_size`` may be floats or per-example
+            (B,) tensors (training data with random budgets). ``step_size`` is a sign step
+            (linf) or a step along the l2-normalised gradient (l2).
         restarts: independent runs; the best iterate over all of them is kept.
         rand_start: start uniformly in the ball (drawn from ``generator``).
         eot: gradient samples per step, batched along the batch dimension.
@@ -171,10 +181,11 @@ def pgd(
             if need_grad:
                 if not torch.isfinite(g).all():
                     g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+                alpha = _eps(step_size, xa)
                 if norm == "linf":
-                    step = step_size * g.sign()
+                    step = alpha * g.sign()
                 else:
-                    step = step_size * g / (_flat_norm(g) + 1e-12)
+                    step = alpha * g / (_flat_norm(g) + 1e-12)
                 xa = project(xa + step, x, norm, eps).detach()
             if progress is not None:
                 progress()
