@@ -98,6 +98,9 @@ def cmd_run(args) -> int:
     per_attack = [k for k in m if k.startswith("robust_accuracy_") and k.split("robust_accuracy_")[1] not in ("single", "majority", "worst")]
     if len(per_attack) > 1:
         print("  per attack       " + "  ".join(f"{k[16:]} {_pct(m[k]['value'])}" for k in per_attack))
+    if "psnr_clean" in m:
+        print(f"  image quality    purified vs clean: PSNR {m['psnr_clean']['value']:.2f} dB, SSIM {m['ssim_clean']['value']:.3f} (clean input); "
+              f"PSNR {m['psnr_adv']['value']:.2f} dB, SSIM {m['ssim_adv']['value']:.3f} (adversarial input)")
     if "detection_auc" in m:
         print(f"  detection AUC    {m['detection_auc']['value']:.4f}")
     t = outcome.timings
@@ -170,6 +173,12 @@ def cmd_results(args) -> int:
         df.to_csv(sys.stdout, index=False)
         return 0
     show = df.copy()
+    for c in ("psnr_clean", "psnr_adv"):
+        if c in show:
+            show[c] = show[c].map(lambda v: "-" if v is None or v != v else f"{v:.1f}")
+    for c in ("ssim_clean", "ssim_adv"):
+        if c in show:
+            show[c] = show[c].map(lambda v: "-" if v is None or v != v else f"{v:.3f}")
     for c in ("clean", "robust", "robust_lo", "robust_hi", "robust_single", "robust_majority", "robust_worst"):
         if c in show:
             show[c] = show[c].map(lambda v: "-" if v is None or v != v else f"{100 * v:.1f}")

@@ -30,6 +30,7 @@ from harness.env import environment, package_versions
 from harness.registry import HarnessError, suggest
 from harness.store import Store, dumps, wilson_interval
 from harness.types import DEFENSES, Defense, GradientPath, SetupContext, config_fields, parse_gradient_path
+from harness import quality as Q
 from threat_models import attacks as A
 from threat_models.specs import THREATS, ThreatSpec, spec_fields
 
@@ -378,6 +379,17 @@ def run_batch(
             det_clean = job.defense.detection_score(x, generator=g).float().cpu()
             det_adv = job.defense.detection_score(x_adv, generator=g).float().cpu()
 
+    # image quality: one purification of the clean and of the kept adversarial input,
+    # compared with the clean image (for every defense, so they can be compared on it)
+    with torch.no_grad():
+        gq = _generator(dev, derive_seed(seed, b, "quality"))
+        pur_clean = job.defense.purify(x, generator=gq).float()
+        pur_adv = job.defense.purify(x_adv, generator=gq).float()
+        quality = {
+            "psnr_clean": Q.psnr(pur_clean, x).cpu(), "ssim_clean": Q.ssim(pur_clean, x).cpu(),
+            "psnr_adv": Q.psnr(pur_adv, x).cpu(), "ssim_adv": Q.ssim(pur_adv, x).cpu(),
+        }
+
     examples = []
     for i in range(len(y)):
         examples.append(
@@ -398,17 +410,15 @@ def run_batch(
                 robust_worst=bool(robust["worst"][i]),
                 detect_clean=None if det_clean is None else float(det_clean[i]),
                 detect_adv=None if det_adv is None else float(det_adv[i]),
+                **{k: float(v[i]) for k, v in quality.items()},
             )
         )
 
     samples = []
-    keep = [i for i in range(len(y)) if positions[i] < N_SAMPLES]
-    if keep:
-        with torch.no_grad():
-            pur = job.defense.purify(x_adv[keep], generator=_generator(dev, derive_seed(seed, b, "gallery")))
-        for k, i in enumerate(keep):
+    for i in range(len(y)):
+        if positions[i] < N_SAMPLES:
             samples.append(
-                {"position": int(positions[i]), "images": {"clean": _to_uint8(x[i]), "adversarial": _to_uint8(x_adv[i]), "purified": _to_uint8(pur[k])}}
+                {"position": int(positions[i]), "images": {"clean": _to_uint8(x[i]), "adversarial": _to_uint8(x_adv[i]), "purified": _to_uint8(pur_adv[i])}}
             )
 
     adv_entry = None
@@ -455,6 +465,11 @@ def aggregate(job: ResolvedJob, examples: list, batches: list) -> dict:
     if n:
         metrics["mean_linf"] = (float(np.mean([e.linf for e in examples])), None, None, n)
         metrics["mean_l2"] = (float(np.mean([e.l2 for e in examples])), None, None, n)
+    for q in ("psnr_clean", "ssim_clean", "psnr_adv", "ssim_adv"):
+        vals = [getattr(e, q, None) for e in examples]
+        vals = [v for v in vals if v is not None]
+        if vals:
+            metrics[q] = (float(np.mean(vals)), None, None, len(vals))
     det = [(e.detect_clean, e.detect_adv) for e in examples if e.detect_clean is not None]
     if det:
         from sklearn.metrics import roc_auc_score

@@ -123,6 +123,11 @@ class ExampleRow(Base):
     robust_worst: Mapped[bool] = mapped_column(Boolean)
     detect_clean: Mapped[float | None] = mapped_column(Float, nullable=True)
     detect_adv: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # image quality of one purification vs the clean image, of the clean and of the adversarial input
+    psnr_clean: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ssim_clean: Mapped[float | None] = mapped_column(Float, nullable=True)
+    psnr_adv: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ssim_adv: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class MetricRow(Base):
@@ -494,7 +499,7 @@ class Store:
                 "robust_worst": val("robust_accuracy_worst"),
                 "seconds": (j.timings or {}).get("total_s"),
             }
-            for extra in ("detection_auc",):
+            for extra in ("psnr_clean", "ssim_clean", "psnr_adv", "ssim_adv", "detection_auc"):
                 if extra in ms:
                     row[extra] = ms[extra].value
             if j.reason:
