@@ -432,7 +432,10 @@ def _ray_job(job_id: str, cfg: RunConfig, skip: list[int], store_url: str, gpu: 
     job = resolve(dataclasses.replace(cfg, device=device))
     if job.job_id != job_id:
         raise HarnessError(f"job identity differs on the Ray worker ({job.job_id[:12]} != {job_id[:12]}): package versions?")
-    reader = Store(store_url, read_only=True) if store_url.startswith("sqlite:///") else None
+    # the adversarial-example cache is read where the SQLite file is visible (same machine
+    # or a shared filesystem); elsewhere the worker computes them itself
+    path = store_url.split("sqlite:///", 1)[1] if store_url.startswith("sqlite:///") else None
+    reader = Store(store_url, read_only=True) if path and Path(path).is_file() else None
     for b, payload in iter_batches(job, set(skip), adv_lookup=reader.get_adv if reader else None):
         yield b, payload
 
