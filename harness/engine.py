@@ -272,7 +272,7 @@ def _attack_names(spec: ThreatSpec) -> list[str]:
 
 
 #: Threat-spec fields that do not change the adversarial examples of a classifier-only attack.
-_EVAL_ONLY_FIELDS = ("eval_draws", "scoring", "detect", "eot_samples", "eot_reduce", "name", "version")
+_EVAL_ONLY_FIELDS = ("eval_draws", "scoring", "detect", "eot_samples", "eot_reduce", "name", "version", "max_forward")
 
 
 def adv_cache_key(job: ResolvedJob, b: int) -> str | None:
@@ -316,7 +316,7 @@ def run_batch(
     eval_model = DefendedForward(job.defense, clf, GradientPath.FULL, _generator(dev, derive_seed(seed, b, "eval-noise")))
     start_gen = _generator(dev, derive_seed(seed, b, "attack-start"))
 
-    clean_preds = A.predict_draws(eval_model, x, job.draws)
+    clean_preds = A.predict_draws(eval_model, x, job.draws, max_batch=spec.max_forward)
     clean = A.score_draws(clean_preds, y)
 
     advs: dict[str, A.AttackResult] = {}
@@ -333,7 +333,7 @@ def run_batch(
             res = A.pgd(
                 attack_model, x, y, norm=spec.norm, eps=spec.eps, steps=spec.steps, step_size=spec.step_size,
                 restarts=spec.restarts, rand_start=spec.random_start, loss=spec.loss, eot=job.eot,
-                eot_reduce=spec.eot_reduce, generator=start_gen, progress=lambda: tick(1),
+                eot_reduce=spec.eot_reduce, generator=start_gen, progress=lambda: tick(1), max_batch=spec.max_forward,
             )
             curves[name] = res.curve
         elif name in ("apgd-ce", "apgd-dlr"):
@@ -348,7 +348,7 @@ def run_batch(
         if not torch.isfinite(res.x_adv).all():
             raise HarnessError(f"attack {name} produced non-finite images (defense '{job.defense.name}' gradients are NaN?)")
         advs[name] = res
-        preds[name] = A.predict_draws(eval_model, res.x_adv, job.draws)
+        preds[name] = A.predict_draws(eval_model, res.x_adv, job.draws, max_batch=spec.max_forward)
 
     scores = {name: A.score_draws(p, y) for name, p in preds.items()}
     robust = {rule: clean[rule].clone() for rule in ("single", "majority", "worst")}

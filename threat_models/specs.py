@@ -56,6 +56,10 @@ class ThreatSpec:
         default="worst", metadata={"help": "headline rule over the R draws: worst-of-R, majority vote, or single draw"}
     )
     batch_size: int = field(default=128, metadata={"help": "examples per attack batch"})
+    max_forward: int = field(
+        default=1024,
+        metadata={"help": "most images in one defended forward pass (EOT samples and draws are stacked up to it; lower it to fit GPU memory)"},
+    )
     detect: bool = field(default=False, metadata={"help": "store the detection ROC-AUC for defenses with a detection score"})
 
     def __post_init__(self):
@@ -70,7 +74,7 @@ class ThreatSpec:
                 raise HarnessError(f"threat '{self.name}': unknown attack '{a}'{suggest(a, list(ATTACKS))}")
         if not self.attacks:
             raise HarnessError(f"threat '{self.name}': needs at least one attack")
-        for k in ("steps", "restarts", "eot_samples", "eval_draws", "batch_size", "apgd_steps"):
+        for k in ("steps", "restarts", "eot_samples", "eval_draws", "batch_size", "apgd_steps", "max_forward"):
             if getattr(self, k) < (0 if k == "steps" else 1):
                 raise HarnessError(f"threat '{self.name}': {k}={getattr(self, k)} is out of range")
         if self.step_size <= 0 or not math.isfinite(self.step_size):
