@@ -18,6 +18,13 @@ gradients drop the guidance Jacobian (a second-order classifier term). Here the
 Per-dataset defaults: the paper's values (t* = 0.1, dt = 1e-3, checkpointing on) except
 on the embedded ``digits``, where dt = 0.02 (5 steps), ``surrogate_steps`` = 2 and no
 checkpointing, as for ``diffpure`` (see :mod:`defenses.diffpure` for the measurements).
+
+Measured on digits (256 test images, shipped backbone and ``digits-cnn``, l_inf 0.2,
+worst-of-10 robust accuracy): preprocessor-blind 48.4%, adaptive through ``full``
+(PGD-40 + APGD-CE/DLR-40, EOT 4) 47.7%, BPDA+EOT 41.0%. The exact gradient of the
+guided SDE started at the input is a weak attack direction here (also with
+``detach_guidance`` and at lambda = 0), so report COUP under ``bpda`` as well as
+``adaptive``. DiffPure on the same data: 19.5% / 3.5% / 17.2%.
 """
 
 from __future__ import annotations
