@@ -47,6 +47,7 @@ import torch.utils.checkpoint
 import torchsde
 from torch import nn
 
+from harness.env import sha256_file
 from harness.registry import HarnessError
 from harness.types import Defense, SetupContext, randn_like
 
@@ -110,14 +111,6 @@ SHIPPED_BACKBONES: dict[str, str] = {"digits": "digits-ddpm"}
 HF_BACKBONES: dict[str, tuple[str, str]] = {"cifar10": ("google/ddpm-cifar10-32", "ddpm-cifar10-32")}
 #: Hugging Face cache to search (None = the hub's default, HF_HUB_CACHE / HF_HOME); nothing is downloaded.
 HF_CACHE_DIR: str | None = None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -43,6 +43,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from harness.env import sha256_file
 from harness.registry import HarnessError
 from harness.types import Defense, DefenseConfig, GradientPath, SetupContext, randn_like, register_defense
 
@@ -66,12 +67,6 @@ def weights_name(variant: str, dataset: str) -> str:
 
 def train_command(variant: str, dataset: str) -> str:
     return f"harness train flowpure --variant {variant} --dataset {dataset}"
-
-
-def _sha256_file(path: Path) -> str:
-    from harness.classifiers import sha256_file
-
-    return sha256_file(path)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -131,7 +126,7 @@ def load_velocity(path: Path, expect_sha256: str | None = None) -> tuple[Velocit
         unet_config, time_scale = recipe["unet_config"], float(recipe["time_scale"])
     except (ValueError, KeyError, TypeError) as exc:
         raise HarnessError(f"FlowPure recipe '{recipe_path}' is unreadable or lacks unet_config/time_scale: {_first_line(exc)}") from None
-    digest = _sha256_file(path)
+    digest = sha256_file(path)
     if recipe.get("sha256") and recipe["sha256"] != digest:
         raise HarnessError(f"FlowPure weights '{path}' have sha256 {digest[:12]}..., their recipe says {recipe['sha256'][:12]}...")
     if expect_sha256 and expect_sha256 != digest:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.env import sha256_file  # re-exported: trainers import it from here
 from harness.data import DATASETS
 from harness.registry import HarnessError, Registry, suggest
 
@@ -51,14 +52,6 @@ _CHECKPOINT_NAME = re.compile(r"^(resnet\d+)-([0-9a-fA-F]{6,64})\.th$")
 CIFAR_MEAN = (0.485, 0.456, 0.406)
 CIFAR_STD = (0.229, 0.224, 0.225)
 
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- modules

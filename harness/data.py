@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from harness.env import sha256_file
 from harness.registry import HarnessError, Registry
 
 SPLITS = ("train", "test")
@@ -110,14 +111,6 @@ _CIFAR_LONG = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 
 
 # --------------------------------------------------------------------------- helpers
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _sha256_arrays(*arrays: np.ndarray) -> str:
     h = hashlib.sha256()
     for a in arrays:
@@ -274,7 +267,7 @@ def _load_npz(name: str, path: Path) -> _Raw:
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise HarnessError(f"cannot read '{path}' as an .npz: {str(exc).splitlines()[0]}") from None
     x, y = _validate(name, x, y, f"'{path.name}'")
-    return _Raw(x, y, {"kind": "npz", "name": path.name, "sha256": _sha256_file(path), "labels": ykey})
+    return _Raw(x, y, {"kind": "npz", "name": path.name, "sha256": sha256_file(path), "labels": ykey})
 
 
 def _load_folder(name: str, split: str, path: Path) -> _Raw:
@@ -285,7 +278,7 @@ def _load_folder(name: str, split: str, path: Path) -> _Raw:
         fpath = folder / fname
         if not fpath.is_file():
             raise HarnessError(f"{_CIFAR_LONG[name]} folder '{folder}' lacks '{fname}' (needed for the {split} split)")
-        h.update(_sha256_file(fpath).encode())
+        h.update(sha256_file(fpath).encode())
         entry = _read_cifar_pickle(fpath)
         if "data" not in entry or label_key not in entry:
             raise HarnessError(f"'{fpath}' lacks 'data' or '{label_key}'")

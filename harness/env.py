@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import socket
@@ -17,6 +18,15 @@ import harness
 
 #: Packages whose versions can change a number; they enter every job's identity hash.
 IDENTITY_PACKAGES = ("torch", "torchvision", "numpy", "pyautoattack", "torchsde", "torchdiffeq", "diffusers")
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _version(dist: str) -> str | None:

@@ -60,7 +60,7 @@ class DiffusionRecipe:
     extra: dict = field(default_factory=dict)
 
 
-def _small_unet(size: int, channels: int, widths: tuple[int, ...], groups: int) -> dict:
+def small_unet_config(size: int, channels: int, widths: tuple[int, ...], groups: int) -> dict:
     n = len(widths)
     return dict(
         sample_size=size,
@@ -79,10 +79,10 @@ def _small_unet(size: int, channels: int, widths: tuple[int, ...], groups: int) 
 #: dataset -> recipe. digits trains in a few minutes on 2 CPU cores.
 RECIPES: dict[str, DiffusionRecipe] = {
     "digits": DiffusionRecipe(
-        name="digits-ddpm", unet_config=_small_unet(8, 1, (16, 32), 8), steps=6000, batch_size=128, lr=2e-3, ema_decay=0.999
+        name="digits-ddpm", unet_config=small_unet_config(8, 1, (16, 32), 8), steps=6000, batch_size=128, lr=2e-3, ema_decay=0.999
     ),
     "mnist5k": DiffusionRecipe(
-        name="mnist5k-ddpm", unet_config=_small_unet(28, 1, (16, 32, 32), 8), steps=20000, batch_size=128, lr=1e-3, ema_decay=0.999
+        name="mnist5k-ddpm", unet_config=small_unet_config(28, 1, (16, 32, 32), 8), steps=20000, batch_size=128, lr=1e-3, ema_decay=0.999
     ),
 }
 

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from defenses.flowpure import SIGMA_MAX, VARIANTS, VelocityField, build_unet, weights_name
+from harness.train_diffusion import small_unet_config
 from harness.registry import HarnessError
 from harness.trainers import TRAINERS, Trainer
 
@@ -58,22 +59,6 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 #: l_inf test budget per dataset family (threat_models.specs) and the training budget factor.
 EPS_FACTOR = 1.6
-
-
-def _unet(size: int, channels: int, widths: tuple[int, ...], groups: int) -> dict[str, Any]:
-    n = len(widths)
-    return dict(
-        sample_size=size,
-        in_channels=channels,
-        out_channels=channels,
-        block_out_channels=list(widths),
-        down_block_types=["DownBlock2D"] * n,
-        up_block_types=["UpBlock2D"] * n,
-        layers_per_block=1,
-        norm_num_groups=groups,
-        add_attention=False,
-        dropout=0.0,
-    )
 
 
 @dataclass(frozen=True)
@@ -98,16 +83,16 @@ def _recipes() -> dict[str, FlowPureRecipe]:
     from threat_models.specs import DIGITS_LINF_EPS, MNIST_LINF_EPS
 
     cifar = FlowPureRecipe(
-        unet_config=_unet(32, 3, (64, 128, 128), 32), steps={v: 300_000 for v in VARIANTS}, batch_size=64, lr=2e-4, eps_max=0.05,
+        unet_config=small_unet_config(32, 3, (64, 128, 128), 32), steps={v: 300_000 for v in VARIANTS}, batch_size=64, lr=2e-4, eps_max=0.05,
     )
     return {
         # Each digits variant trains in a few minutes on 2 shared CPU cores.
         "digits": FlowPureRecipe(
-            unet_config=_unet(8, 1, (32, 48), 8), steps={"pgd": 1500, "cw": 800, "gauss": 2000}, batch_size=64, lr=1e-3,
+            unet_config=small_unet_config(8, 1, (32, 48), 8), steps={"pgd": 1500, "cw": 800, "gauss": 2000}, batch_size=64, lr=1e-3,
             eps_max=round(EPS_FACTOR * DIGITS_LINF_EPS, 6),
         ),
         "mnist5k": FlowPureRecipe(
-            unet_config=_unet(28, 1, (32, 64), 8), steps={v: 10_000 for v in VARIANTS}, batch_size=64, lr=1e-3,
+            unet_config=small_unet_config(28, 1, (32, 64), 8), steps={v: 10_000 for v in VARIANTS}, batch_size=64, lr=1e-3,
             eps_max=round(EPS_FACTOR * MNIST_LINF_EPS, 6),
         ),
         # The paper's optimiser (Adam 2e-4, batch 64, 300k steps); a smaller UNet than its NCSN++.

@@ -405,12 +405,9 @@ def test_adaptive_full_gradient_attack_on_digits(name):
     ~66% for preprocessor-blind PGD-20 and ~62% for BPDA+EOT, with or without the
     guidance Jacobian and even at lambda = 0, so only the drop from clean is asserted.
     """
-    try:
-        from harness.classifiers import load_classifier
+    from harness.classifiers import load_classifier
 
-        clf = load_classifier("digits-cnn", dataset="digits").module
-    except HarnessError as exc:
-        pytest.skip(f"digits classifier unavailable: {exc}")
+    clf = load_classifier("digits-cnn", dataset="digits").module
     from harness.data import load_split
     from threat_models.specs import DIGITS_LINF_EPS
 

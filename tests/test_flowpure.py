@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from defenses.flowpure import SIGMA_MAX, FlowPureGauss, FlowPurePGD, VelocityField, build_unet, shipped_weights_dir
 from harness.registry import HarnessError
-from harness.train_flowpure import FlowPureRecipe, _unet, cfm_loss, cw_l2, train_flowpure
+from harness.train_diffusion import small_unet_config
+from harness.train_flowpure import FlowPureRecipe, cfm_loss, cw_l2, train_flowpure
 from harness.types import SetupContext
 
 DIGITS_CTX = dict(dataset="digits", image_shape=(1, 8, 8), num_classes=10)
@@ -23,7 +24,7 @@ DIGITS_CTX = dict(dataset="digits", image_shape=(1, 8, 8), num_classes=10)
 
 def _tiny_recipe(**kw) -> FlowPureRecipe:
     base = dict(
-        unet_config=_unet(8, 1, (8, 16), 4), steps={"pgd": 40, "cw": 40, "gauss": 40}, batch_size=16, lr=2e-3,
+        unet_config=small_unet_config(8, 1, (8, 16), 4), steps={"pgd": 40, "cw": 40, "gauss": 40}, batch_size=16, lr=2e-3,
         eps_max=0.32, curve_every=5, ckpt_every=1000,
     )
     base.update(kw)
@@ -32,7 +33,7 @@ def _tiny_recipe(**kw) -> FlowPureRecipe:
 
 def _tiny_velocity(dtype=torch.float32, seed: int = 0) -> VelocityField:
     torch.manual_seed(seed)
-    return VelocityField(build_unet(_unet(8, 1, (8, 16), 4)), 1000.0).to(dtype).eval()
+    return VelocityField(build_unet(small_unet_config(8, 1, (8, 16), 4)), 1000.0).to(dtype).eval()
 
 
 @pytest.fixture(scope="module")
