@@ -99,7 +99,10 @@ def test_sigkill_mid_grid_then_rerun_gives_exactly_the_uninterrupted_rows(tmp_pa
 n_examples: 80
 set: {{batch_size: 16}}
 plugins: [{TOY_PLUGIN}]
-defenses: [toy-noise, toy-smooth]
+defenses:
+  - toy-noise
+  - name: toy-slow  # about 1 s per batch, so the poll below always sees the grid mid-job
+    set: {{delay: 0.05}}
 threats:
   - name: bpda
     set: {{steps: 10, eot_samples: 2}}

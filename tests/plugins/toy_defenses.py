@@ -4,12 +4,14 @@
   a purifier whose exact gradient is known to autograd, for finite-difference checks.
 - ``toy-noise``: stochastic (Gaussian noise from the generator, then a blur): exercises
   EOT, R-draw scoring and generator reproducibility.
+- ``toy-slow``: a deterministic blur that sleeps a configured delay per call (resume tests).
 - ``toy-quantize``: gradient masking (rounding to 4 grey levels, zero gradient almost
   everywhere): the classic "broken" defense. Its full gradient is useless, BPDA breaks it.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -65,6 +67,25 @@ class ToyNoise(Defense):
 
     def purify(self, x, *, generator=None):
         return _blur(x + self.config.sigma * randn_like(x, generator)).clamp(0, 1)
+
+
+@dataclass(frozen=True)
+class SlowConfig(DefenseConfig):
+    delay: float = field(default=0.0, metadata={"help": "seconds slept per purify call"})
+
+
+@register_defense("toy-slow")
+class ToySlow(Defense):
+    """Deterministic blur that sleeps ``delay`` seconds per call: a job slow enough to be
+    killed mid-way by the resume test, whatever the speed of the machine."""
+
+    Config = SlowConfig
+    gradient_paths = frozenset({GradientPath.FULL})
+    nfe_per_call = 1
+
+    def purify(self, x, *, generator=None):
+        time.sleep(self.config.delay)
+        return _blur(x)
 
 
 @register_defense("toy-quantize")
