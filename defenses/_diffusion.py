@@ -571,7 +571,6 @@ class DiffusionDefense(Defense):
         super().__init__(config)
         self.eps_net: EpsNet | None = None
         self.backbone_source: dict[str, Any] | None = None
-        self.setup_notes: list[str] = []
         self.image_shape: tuple[int, int, int] | None = None
         self.nfe_per_call = self._count_nfe(self.effective_config())
 

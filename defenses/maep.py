@@ -395,7 +395,6 @@ class MAEP(Defense):
         super().__init__(config)
         self.net: MaskedAutoencoder | None = None
         self.source: dict[str, Any] | None = None
-        self.setup_notes: list[str] = []
 
     def use_model(self, net: MaskedAutoencoder, source: dict[str, Any] | None = None) -> "MAEP":
         """Bind a network directly (tests, notebooks); :meth:`setup` then keeps it."""

@@ -43,7 +43,7 @@ def _print_plan(job, out) -> None:
     )
     print(f"  attack: {_fmt_spec(spec)}", file=out)
     print(
-        f"  gradient path: {s['gradient_path']}  EOT samples/gradient: {s['eot_samples']}  evaluation draws: {s['eval_draws']}  "
+        f"  gradient path: {s['gradient_path']}{''.join(f' (then {p} on the survivors)' for p in s['also_paths'])}  EOT samples/gradient: {s['eot_samples']}  evaluation draws: {s['eval_draws']}  "
         f"headline rule: {spec['scoring']}  seed: {job.cfg.seed}",
         file=out,
     )

@@ -77,6 +77,8 @@ class ResolvedJob:
     job_id: str
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     notes: list[str] = field(default_factory=list)
+    #: further paths every attack also runs through (spec.also_paths that apply here)
+    also_paths: tuple[GradientPath, ...] = ()
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -88,6 +90,7 @@ class ResolvedJob:
             "classifier": self.classifier.name,
             "n_examples": int(len(self.subset.y)),
             "gradient_path": self.path.value,
+            "also_paths": [p.value for p in self.also_paths],
             "eot_samples": self.eot,
             "eval_draws": self.draws,
             "stochastic": self.defense.stochastic,
@@ -196,7 +199,7 @@ def resolve(cfg: RunConfig) -> ResolvedJob:
     for p in defense.parameters():
         p.requires_grad_(False)
 
-    notes = []
+    notes = list(defense.setup_notes)
     stochastic = defense.stochastic
     eot = spec.eot_samples if (stochastic and path is not GradientPath.CLASSIFIER) else 1
     draws = spec.eval_draws if stochastic else 1
@@ -206,11 +209,22 @@ def resolve(cfg: RunConfig) -> ResolvedJob:
         notes.append(f"eval_draws {spec.eval_draws} -> 1: defense '{defense.name}' is deterministic")
     if spec.detect and not defense.has_detection_score:
         notes.append(f"detect=true ignored: defense '{defense.name}' declares no detection score")
+    also: list[GradientPath] = []
+    for name in spec.also_paths:
+        p = parse_gradient_path(name)
+        if path is GradientPath.CLASSIFIER:
+            notes.append(f"also_paths {name} ignored: the main attack is classifier-only (nothing defended to attack)")
+        elif p is path or p in also:
+            continue
+        elif p not in defense.supported_paths():
+            notes.append(f"also_paths {name} ignored: defense '{defense.name}' has no {name} gradient path")
+        else:
+            also.append(p)
 
     identity = {
         "defense": defense.identity(),
         "threat": spec.to_dict(),
-        "effective": {"gradient_path": path.value, "eot_samples": eot, "eval_draws": draws},
+        "effective": {"gradient_path": path.value, "also_paths": [p.value for p in also], "eot_samples": eot, "eval_draws": draws},
         "dataset": subset.identity,
         "classifier": clf.identity,
         "seed": cfg.seed,
@@ -219,7 +233,7 @@ def resolve(cfg: RunConfig) -> ResolvedJob:
     job_id = hashlib.sha256(dumps(identity).encode()).hexdigest()
     return ResolvedJob(
         cfg=cfg, subset=subset, dataset_info=info, classifier=clf, defense=defense, spec=spec, path=path,
-        eot=eot, draws=draws, identity=identity, job_id=job_id, device=device, notes=notes,
+        eot=eot, draws=draws, identity=identity, job_id=job_id, device=device, notes=notes, also_paths=tuple(also),
     )
 
 
@@ -271,8 +285,21 @@ def _attack_names(spec: ThreatSpec) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def attack_plan(job: ResolvedJob) -> list[tuple[str, str, GradientPath]]:
+    """(label, attack, path) in the order they run: every attack through the main path,
+    then again through each of ``also_paths`` (labelled ``attack@path``)."""
+    plan = [(a, a, job.path) for a in _attack_names(job.spec)]
+    for p in job.also_paths:
+        plan += [(f"{a}@{p.value}", a, p) for a in _attack_names(job.spec)]
+    return plan
+
+
+def _attack_ticks(spec: ThreatSpec, attack: str) -> int:
+    return (spec.steps + 1) * spec.restarts if attack == "pgd" else spec.apgd_steps
+
+
 #: Threat-spec fields that do not change the adversarial examples of a classifier-only attack.
-_EVAL_ONLY_FIELDS = ("eval_draws", "scoring", "detect", "eot_samples", "eot_reduce", "name", "version", "max_forward")
+_EVAL_ONLY_FIELDS = ("eval_draws", "scoring", "detect", "eot_samples", "eot_reduce", "name", "version", "max_forward", "cascade")
 
 
 def adv_cache_key(job: ResolvedJob, b: int) -> str | None:
@@ -312,7 +339,9 @@ def run_batch(
     t0 = time.perf_counter()
     # The attack seeds do not depend on the defense: under preprocessor-blind the
     # adversarial examples are then shared by every defense (same classifier, data, spec).
-    attack_model = DefendedForward(job.defense, clf, job.path, _generator(dev, derive_seed(seed, b, "attack-noise")))
+    attack_models = {job.path: DefendedForward(job.defense, clf, job.path, _generator(dev, derive_seed(seed, b, "attack-noise")))}
+    for p in job.also_paths:
+        attack_models[p] = DefendedForward(job.defense, clf, p, _generator(dev, derive_seed(seed, b, "attack-noise", p.value)))
     eval_model = DefendedForward(job.defense, clf, GradientPath.FULL, _generator(dev, derive_seed(seed, b, "eval-noise")))
     start_gen = _generator(dev, derive_seed(seed, b, "attack-start"))
 
@@ -321,39 +350,66 @@ def run_batch(
 
     advs: dict[str, A.AttackResult] = {}
     preds: dict[str, torch.Tensor] = {}
+    scores: dict[str, dict[str, torch.Tensor]] = {}
+    ran: dict[str, torch.Tensor] = {}  # attack -> mask of the examples it attacked
     curves: dict[str, list[int]] = {}
-    for name in _attack_names(spec):
+    robust = {rule: clean[rule].clone() for rule in RULES}
+    # AutoAttack's cascade: an attack after the first runs only on the examples that some
+    # scoring rule still counts as robust. The others are already lost under every rule,
+    # so skipping them changes no number. Classifier-only attacks (shared by every defense
+    # through the adversarial cache) never depend on a defense's scores, so they run on all.
+    cascade = spec.cascade and job.path != GradientPath.CLASSIFIER and cached_adv is None
+    all_idx = torch.arange(len(y), device=dev)
+    for k, (name, attack, path) in enumerate(attack_plan(job)):
+        attack_model = attack_models[path]
+        if cascade and k > 0:
+            idx = torch.nonzero(robust["single"] | robust["majority"] | robust["worst"]).flatten()
+        else:
+            idx = all_idx
+        xs, ys = x[idx], y[idx]
         if cached_adv is not None and name in cached_adv:
             c = cached_adv[name]
             res = A.AttackResult(x_adv=torch.as_tensor(c["x_adv"]).to(dev), margin=torch.as_tensor(c["margin"]).to(dev), curve=list(c["curve"]))
             if res.curve:
                 curves[name] = res.curve
-            tick((spec.steps + 1) * spec.restarts if name == "pgd" else spec.apgd_steps)
-        elif name == "pgd":
+            tick(_attack_ticks(spec, attack))
+        elif len(idx) == 0:
+            res = A.AttackResult(x_adv=xs, margin=torch.empty(0, device=dev))
+            tick(_attack_ticks(spec, attack))
+        elif attack == "pgd":
             res = A.pgd(
-                attack_model, x, y, norm=spec.norm, eps=spec.eps, steps=spec.steps, step_size=spec.step_size,
+                attack_model, xs, ys, norm=spec.norm, eps=spec.eps, steps=spec.steps, step_size=spec.step_size,
                 restarts=spec.restarts, rand_start=spec.random_start, loss=spec.loss, eot=job.eot,
                 eot_reduce=spec.eot_reduce, generator=start_gen, progress=lambda: tick(1), max_batch=spec.max_forward,
             )
-            curves[name] = res.curve
-        elif name in ("apgd-ce", "apgd-dlr"):
+            curves[name] = res.curve  # robust counts over the attacked examples; the skipped ones are lost already
+        elif attack in ("apgd-ce", "apgd-dlr"):
             res = A.apgd(
-                attack_model, x, y, loss=name.split("-")[1], norm=spec.norm, eps=spec.eps, steps=spec.apgd_steps,
+                attack_model, xs, ys, loss=attack.split("-")[1], norm=spec.norm, eps=spec.eps, steps=spec.apgd_steps,
                 eot=job.eot, seed=derive_seed(seed, b, name) % (2**31),
             )
             tick(spec.apgd_steps)
         else:  # autoattack-standard
-            res = A.autoattack_standard(attack_model, x, y, norm=spec.norm, eps=spec.eps, seed=derive_seed(seed, b, name) % (2**31))
+            res = A.autoattack_standard(attack_model, xs, ys, norm=spec.norm, eps=spec.eps, seed=derive_seed(seed, b, name) % (2**31))
             tick(spec.apgd_steps)
         if not torch.isfinite(res.x_adv).all():
             raise HarnessError(f"attack {name} produced non-finite images (defense '{job.defense.name}' gradients are NaN?)")
-        advs[name] = res
-        preds[name] = A.predict_draws(eval_model, res.x_adv, job.draws, max_batch=spec.max_forward)
-
-    scores = {name: A.score_draws(p, y) for name, p in preds.items()}
-    robust = {rule: clean[rule].clone() for rule in ("single", "majority", "worst")}
-    for s in scores.values():
-        for rule in robust:
+        # scatter back to the whole batch: a skipped example keeps its clean image, margin -inf
+        x_full, m_full = x.clone(), torch.full((len(y),), float("-inf"), device=dev)
+        x_full[idx], m_full[idx] = res.x_adv, res.margin.to(m_full.dtype)
+        advs[name] = A.AttackResult(x_adv=x_full, margin=m_full, curve=res.curve)
+        mask = torch.zeros(len(y), dtype=torch.bool, device=dev)
+        mask[idx] = True
+        ran[name] = mask
+        p_full = torch.full((len(y), job.draws), -1, dtype=torch.long, device=dev)
+        s = {rule: torch.zeros(len(y), dtype=torch.bool, device=dev) for rule in RULES}  # skipped: lost already
+        if len(idx):
+            p_full[idx] = A.predict_draws(eval_model, res.x_adv, job.draws, max_batch=spec.max_forward).to(dev)
+            for rule, v in A.score_draws(p_full[idx], ys).items():
+                s[rule][idx] = v
+        preds[name] = p_full
+        scores[name] = s
+        for rule in RULES:
             robust[rule] &= s[rule]
 
     # the adversarial example kept per example: the first attack that breaks it under the
@@ -364,7 +420,7 @@ def run_batch(
     worst_attack: list[str | None] = [None] * len(y)
     for i in range(len(y)):
         for j, n in enumerate(names):
-            if not bool(scores[n]["worst"][i]):
+            if bool(ran[n][i]) and not bool(scores[n]["worst"][i]):
                 worst_attack[i] = n
                 chosen_idx[i] = j
                 break
@@ -398,7 +454,7 @@ def run_batch(
                 dataset_index=int(job.subset.indices[positions[i]]),
                 label=int(y[i]),
                 clean_preds=clean_preds[i].tolist(),
-                adv_preds={n: preds[n][i].tolist() for n in names},
+                adv_preds={n: preds[n][i].tolist() for n in names if bool(ran[n][i])},  # absent: skipped by the cascade
                 worst_attack=worst_attack[i],
                 linf=float(linf[i]),
                 l2=float(l2[i]),
@@ -427,9 +483,9 @@ def run_batch(
         adv_entry = (key, {n: {"x_adv": r.x_adv.cpu().numpy(), "margin": r.margin.cpu().numpy(), "curve": list(r.curve)} for n, r in advs.items()})
 
     nfe = {
-        "attack_purifications": attack_model.purified,
+        "attack_purifications": sum(m.purified for m in attack_models.values()),
         "eval_purifications": eval_model.purified,
-        "classifier_images": attack_model.classified + eval_model.classified,
+        "classifier_images": sum(m.classified for m in attack_models.values()) + eval_model.classified,
     }
     nfe["adv_reused"] = int(cached_adv is not None)
     return dict(examples=examples, curves=curves, nfe=nfe, seconds=time.perf_counter() - t0, samples=samples, adv_cache=adv_entry)
@@ -454,14 +510,14 @@ def aggregate(job: ResolvedJob, examples: list, batches: list) -> dict:
         frac(f"robust_accuracy_{rule}", sum(getattr(e, f"robust_{rule}") for e in examples))
     metrics["clean_accuracy"] = metrics[f"clean_accuracy_{headline}"]
     metrics["robust_accuracy"] = metrics[f"robust_accuracy_{headline}"]
-    attacks = list(examples[0].adv_preds) if examples else []
-    for a in attacks:
-        k = 0
-        for e in examples:
-            p = torch.tensor(e.adv_preds[a])[None]
-            s = A.score_draws(p, torch.tensor([e.label]))
-            k += bool(s[headline][0]) and getattr(e, f"clean_{headline}")
-        frac(f"robust_accuracy_{a}", k)
+    # per attack, AutoAttack-style: robust after this attack and every one before it (an
+    # example the cascade skipped was lost already, so it stays lost)
+    still = [bool(getattr(e, f"clean_{headline}")) for e in examples]
+    for a, _, _ in attack_plan(job):
+        for i, e in enumerate(examples):
+            if still[i] and a in e.adv_preds:
+                still[i] = bool(A.score_draws(torch.tensor(e.adv_preds[a])[None], torch.tensor([e.label]))[headline][0])
+        frac(f"robust_accuracy_{a}", sum(still))
     if n:
         metrics["mean_linf"] = (float(np.mean([e.linf for e in examples])), None, None, n)
         metrics["mean_l2"] = (float(np.mean([e.l2 for e in examples])), None, None, n)
@@ -533,7 +589,7 @@ def _job_fields(job: ResolvedJob) -> dict[str, Any]:
     return dict(
         defense=job.defense.name, threat=job.spec.name, dataset=job.cfg.dataset, classifier=job.classifier.name,
         seed=job.cfg.seed, n_examples=int(len(job.subset.y)), norm=job.spec.norm, eps=job.spec.eps,
-        gradient_path=job.path.value, eot_samples=job.eot, eval_draws=job.draws, stochastic=job.defense.stochastic,
+        gradient_path="+".join([job.path.value] + [p.value for p in job.also_paths]), eot_samples=job.eot, eval_draws=job.draws, stochastic=job.defense.stochastic,
         adaptive=job.path is not GradientPath.CLASSIFIER and job.path is not GradientPath.BPDA,
         identity=job.identity, config=job.summary(),
     )
@@ -564,8 +620,8 @@ def iter_batches(
     n = len(job.subset.y)
     n_batches = (n + bs - 1) // bs
     steps_per_batch = 0
-    for a in _attack_names(job.spec):
-        steps_per_batch += (job.spec.steps + 1) * job.spec.restarts if a == "pgd" else job.spec.apgd_steps
+    for _, a, _ in attack_plan(job):
+        steps_per_batch += _attack_ticks(job.spec, a)
     todo = [b for b in range(n_batches) if b not in skip]
     bar = tqdm(total=len(todo) * steps_per_batch, disable=not progress, desc=f"{job.defense.name}/{job.spec.name}", unit="it", leave=False)
     try:

@@ -138,9 +138,14 @@ class Defense(nn.Module):
     has_detection_score: ClassVar[bool] = False
     #: Network evaluations of the generative model per purification call (batch level).
     nfe_per_call: int = 0
+    #: Lines :meth:`setup` sets to say what it chose that the user did not (per-dataset
+    #: defaults scaled for a CPU, tiling, ...). Every run prints them and stores them with
+    #: the job, so nothing is silent.
+    setup_notes: list[str]
 
     def __init__(self, config: DefenseConfig | None = None):
         super().__init__()
+        self.setup_notes = []
         self.config = config if config is not None else self.Config()
         if not isinstance(self.config, self.Config):
             raise HarnessError(f"{type(self).__name__} expects a {self.Config.__name__}, got {type(self.config).__name__}")

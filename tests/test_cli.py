@@ -55,6 +55,16 @@ def test_plugin_defense_from_a_file(tmp_path, capsys):
     assert j["defense"] == "toy-noise" and j["eval_draws"] == 3 and j["eot_samples"] == 4
 
 
+def test_defense_setup_notes_are_printed_and_stored(tmp_path, capsys):
+    db = str(tmp_path / "r.db")
+    code, out, err = run_cli(["run", "--plugin", TOY_PLUGIN, "--defense", "toy-slow", "--set", "delay=0.001", "--threat", "bpda",
+                              "--n-examples", "8", "--set", "steps=1", "--db", db, "--json"], capsys)
+    assert code == 0, err
+    assert "note: toy-slow: sleeps 0.001 s per purification" in err
+    code, out, _ = run_cli(["show", json.loads(out)["job_id"][:10], "--db", db], capsys)
+    assert "toy-slow: sleeps 0.001 s per purification" in out
+
+
 def test_ls_lists_everything(capsys):
     code, out, _ = run_cli(["ls"], capsys)
     assert code == 0

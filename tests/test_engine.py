@@ -107,19 +107,60 @@ def test_stochastic_defense_scoring_rules_are_ordered(store):
     assert m["robust_accuracy_worst"] <= m["robust_accuracy_single"] + 1e-12
     assert m["robust_accuracy_worst"] <= m["robust_accuracy_majority"] + 1e-12
     assert m["robust_accuracy_worst"] <= m["clean_accuracy_worst"] + 1e-12
-    # per-example minimum over attacks: robust under all implies robust under each
-    for a in ("pgd", "apgd-ce", "apgd-dlr"):
-        assert m["robust_accuracy"] <= m[f"robust_accuracy_{a}"] + 1e-12
+    # per attack: robust after it and every attack before it (AutoAttack-style, non-increasing)
+    after = [m[f"robust_accuracy_{a}"] for a in ("pgd", "apgd-ce", "apgd-dlr", "pgd@bpda", "apgd-ce@bpda", "apgd-dlr@bpda")]
+    assert after == sorted(after, reverse=True) and after[-1] == m["robust_accuracy"]
     row = store.example_rows(out.job_id)[0]
-    assert len(row.clean_preds) == 5 and set(row.adv_preds) == {"pgd", "apgd-ce", "apgd-dlr"}
+    assert len(row.clean_preds) == 5 and next(iter(row.adv_preds)) == "pgd"
+
+
+def _lost_everywhere(e, attacks) -> bool:
+    from threat_models.attacks import score_draws
+
+    ok = {r: getattr(e, f"clean_{r}") for r in ("single", "majority", "worst")}
+    for a in attacks:
+        s = score_draws(torch.tensor(e.adv_preds[a])[None], torch.tensor([e.label]))
+        ok = {r: ok[r] and bool(s[r][0]) for r in ok}
+    return not any(ok.values())
+
+
+def test_cascade_skips_only_examples_lost_under_every_rule(store):
+    over = [("steps", "4"), ("apgd_steps", "4"), ("eot_samples", "2"), ("eval_draws", "5"), ("sigma", "0.3"), ("eps", "0.12")]
+    runs, jobs = {}, {}
+    for cascade in ("true", "false"):
+        jobs[cascade] = E.resolve(cfg(defense="toy-noise", threat="adaptive", n_examples=32, overrides=over + [("cascade", cascade)]))
+        runs[cascade] = E.run_job(jobs[cascade], store, progress=False)
+    assert runs["true"].job_id != runs["false"].job_id
+    order = [label for label, _, _ in E.attack_plan(jobs["true"])]
+    # the adaptive default: every attack through the exact gradient, then through BPDA
+    assert order == ["pgd", "apgd-ce", "apgd-dlr", "pgd@bpda", "apgd-ce@bpda", "apgd-dlr@bpda"]
+    rows_on = store.example_rows(runs["true"].job_id)
+    assert all(set(e.adv_preds) == set(order) for e in store.example_rows(runs["false"].job_id))
+    skipped = 0
+    for e in rows_on:
+        have = [a for a in order if a in e.adv_preds]
+        assert have == order[: len(have)] and have, "the cascade runs a prefix of the attacks, the first on everyone"
+        if len(have) < len(order):
+            skipped += 1
+            assert _lost_everywhere(e, have), "an example some rule still counts as robust was skipped"
+            assert not (e.robust_single or e.robust_majority or e.robust_worst)
+    assert skipped > 0, "at this budget PGD breaks some examples under every rule"
+    nfe_on, nfe_off = (store.get_job(runs[c].job_id).nfe["attack_purifications"] for c in ("true", "false"))
+    assert nfe_on < nfe_off
 
 
 def test_a_gradient_masking_defense_is_broken_by_bpda(store):
     over = [("eps", "0.15")]
-    full = E.run_job(E.resolve(cfg(defense="toy-quantize", threat="adaptive", overrides=over + [("attacks", "pgd"), ("steps", "20"), ("step_size", "0.03")])), store, progress=False)
+    pgd = over + [("attacks", "pgd"), ("steps", "20"), ("step_size", "0.03")]
+    full = E.run_job(E.resolve(cfg(defense="toy-quantize", threat="adaptive", overrides=pgd + [("also_paths", "")])), store, progress=False)
     bp = E.run_job(E.resolve(cfg(defense="toy-quantize", threat="bpda", overrides=over)), store, progress=False)
-    assert full.summary["gradient_path"] == "full"
+    assert full.summary["gradient_path"] == "full" and full.summary["also_paths"] == []
     assert bp.metrics["robust_accuracy"]["value"] < full.metrics["robust_accuracy"]["value"] - 0.2
+    # the adaptive default also attacks through BPDA, so the masked gradient no longer decides
+    both = E.run_job(E.resolve(cfg(defense="toy-quantize", threat="adaptive", overrides=pgd)), store, progress=False)
+    assert both.summary["also_paths"] == ["bpda"]
+    assert both.metrics["robust_accuracy"]["value"] < full.metrics["robust_accuracy"]["value"] - 0.2
+    assert both.metrics["robust_accuracy"]["value"] <= both.metrics["robust_accuracy_pgd"]["value"]
 
 
 def test_incompatible_pair_is_refused_with_reason():

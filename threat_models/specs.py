@@ -43,9 +43,23 @@ class ThreatSpec:
     random_start: bool = field(default=True, metadata={"help": "PGD starts uniformly inside the ball"})
     loss: Literal["ce", "cw", "dlr"] = field(default="ce", metadata={"help": "PGD loss"})
     apgd_steps: int = field(default=100, metadata={"help": "iterations of each APGD attack (AutoAttack)"})
+    cascade: bool = field(
+        default=True,
+        metadata={
+            "help": "later attacks run only on examples some scoring rule still counts as robust (AutoAttack's cascade; "
+            "never changes a number, saves time); false runs every attack on every example"
+        },
+    )
     gradient_path: str = field(
         default="auto",
         metadata={"help": "classifier | bpda | full | adjoint | surrogate | auto (the defense's strongest)"},
+    )
+    also_paths: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "further gradient paths every attack also runs through, after the main one (per-example minimum; "
+            "with the cascade only on the survivors): the exact gradient is not always the strongest"
+        },
     )
     eot_samples: int = field(default=1, metadata={"help": "EOT samples per gradient (stochastic defenses)"})
     eot_reduce: Literal["loss", "logits"] = field(
@@ -72,6 +86,10 @@ class ThreatSpec:
         for a in self.attacks:
             if a not in ATTACKS:
                 raise HarnessError(f"threat '{self.name}': unknown attack '{a}'{suggest(a, list(ATTACKS))}")
+        for p in self.also_paths:
+            parse_gradient_path(p)
+            if p in ("classifier", "auto"):
+                raise HarnessError(f"threat '{self.name}': also_paths takes defended paths (bpda, full, adjoint, surrogate), got '{p}'")
         if not self.attacks:
             raise HarnessError(f"threat '{self.name}': needs at least one attack")
         for k in ("steps", "restarts", "eot_samples", "eval_draws", "batch_size", "apgd_steps", "max_forward"):
@@ -183,10 +201,11 @@ THREATS.register(
     "adaptive",
     ThreatModel(
         name="adaptive",
-        description="fully adaptive white-box: PGD-EOT and AutoAttack-rand (APGD-CE, APGD-DLR) through the exact gradient; per-example minimum",
+        description="fully adaptive white-box: PGD-EOT and AutoAttack-rand (APGD-CE, APGD-DLR) through the exact gradient, then again "
+        "through BPDA on the examples that survive; per-example minimum",
         base=dict(
             attacks=("pgd", "autoattack-rand"), steps=200, step_size=0.007, random_start=False, gradient_path="auto",
-            eot_samples=20, apgd_steps=100, eval_draws=10, scoring="worst",
+            also_paths=("bpda",), eot_samples=20, apgd_steps=100, eval_draws=10, scoring="worst",
         ),
         per_family=_family(
             {

@@ -83,6 +83,10 @@ class ToySlow(Defense):
     gradient_paths = frozenset({GradientPath.FULL})
     nfe_per_call = 1
 
+    def setup(self, ctx):
+        if self.config.delay > 0:
+            self.setup_notes = [f"toy-slow: sleeps {self.config.delay} s per purification"]
+
     def purify(self, x, *, generator=None):
         time.sleep(self.config.delay)
         return _blur(x)
