@@ -14,8 +14,8 @@ Two registered variants share a noise-prediction UNet (:mod:`defenses._diffusion
 Per-dataset defaults (used when the option is not set; the effective values enter the
 job identity and ``setup_notes``): the papers' CIFAR-10 values everywhere, except on the
 embedded 8x8 ``digits``, where the adaptive threat (PGD-40 and APGD-CE/DLR-40, EOT 4,
-256 examples: about 250 full gradients of 512 images) must finish on a 2-core CPU in
-minutes. There both variants take **5 solver steps** (``diffpure``: t* = 0.1 with
+then the same through BPDA on the survivors; 64 examples by ``default_examples``) must
+finish on a 2-core CPU within minutes (98 s measured). There both variants take **5 solver steps** (``diffpure``: t* = 0.1 with
 dt = 0.02; ``diffpure-ddpm``: 5 DDPM steps at max_timestep 100, the step count of
 FlowPure/DiffHammer's attack surrogate), ``surrogate_steps`` = 2 and no gradient
 checkpointing (a whole 5-step trajectory of 8x8 images is a few MB; recomputing each

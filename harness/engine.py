@@ -184,7 +184,12 @@ def resolve(cfg: RunConfig) -> ResolvedJob:
     path = check_compatible(defense_cls, spec)
     defense = defense_cls.from_dict(d_over)
 
-    subset = D.eval_subset(cfg.dataset, cfg.n_examples, cfg.data_seed, cfg.data_dir)
+    n_examples, n_note = cfg.n_examples, None
+    if n_examples is None and cfg.threat in defense_cls.default_examples and defense_cls.default_examples[cfg.threat] < info.default_n:
+        n_examples = defense_cls.default_examples[cfg.threat]
+        n_note = (f"n_examples {n_examples}: '{defense_cls.name}' subsamples '{cfg.threat}' cells by default "
+                  f"(the dataset default is {info.default_n}; --n-examples to change)")
+    subset = D.eval_subset(cfg.dataset, n_examples, cfg.data_seed, cfg.data_dir)
     clf_name = cfg.classifier or C.default_classifier(cfg.dataset)
     clf = C.load_classifier(clf_name, dataset=cfg.dataset, weights=cfg.weights, model_dir=cfg.model_dir, device=device)
 
@@ -199,7 +204,7 @@ def resolve(cfg: RunConfig) -> ResolvedJob:
     for p in defense.parameters():
         p.requires_grad_(False)
 
-    notes = list(defense.setup_notes)
+    notes = ([n_note] if n_note else []) + list(defense.setup_notes)
     stochastic = defense.stochastic
     eot = spec.eot_samples if (stochastic and path is not GradientPath.CLASSIFIER) else 1
     draws = spec.eval_draws if stochastic else 1

@@ -136,6 +136,10 @@ class Defense(nn.Module):
     gradient_paths: ClassVar[frozenset[GradientPath]] = frozenset({GradientPath.BPDA, GradientPath.FULL})
     requires: ClassVar[frozenset[str]] = frozenset()
     has_detection_score: ClassVar[bool] = False
+    #: threat name -> evaluation-subset size used when the user gives none: costly cells
+    #: are subsampled (spec section 6: 64-128 images for diffusion purifiers under adaptive
+    #: attacks). The run prints it and the subset enters the job identity.
+    default_examples: ClassVar[dict[str, int]] = {}
     #: Network evaluations of the generative model per purification call (batch level).
     nfe_per_call: int = 0
     #: Lines :meth:`setup` sets to say what it chose that the user did not (per-dataset

@@ -228,3 +228,11 @@ def test_preprocessor_blind_adversarials_are_computed_once_and_reused(store):
     # a different seed is a different attack: no reuse
     c = E.run_job(E.resolve(cfg(defense="toy-noise", n_examples=40, seed=1, overrides=[("batch_size", "16")])), store, progress=False)
     assert store.get_job(c.job_id).nfe["adv_reused"] == 0
+
+
+def test_a_defense_may_subsample_its_costly_cells_and_says_so():
+    job = E.resolve(cfg(defense="toy-slow", threat="adaptive", n_examples=None))
+    assert len(job.subset.y) == 24 and any("n_examples 24" in n for n in job.notes)
+    assert len(E.resolve(cfg(defense="toy-slow", threat="bpda", n_examples=None)).subset.y) == 256  # the dataset default
+    explicit = E.resolve(cfg(defense="toy-slow", threat="adaptive", n_examples=40))
+    assert len(explicit.subset.y) == 40 and not any("n_examples" in n for n in explicit.notes)

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from harness.store import Store
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -22,3 +24,14 @@ def test_smoke_grid_matches_its_accuracy_table(tmp_path):
     assert "FAILED" not in grid.stdout
     check = subprocess.run(cli + ["check", str(ROOT / "tables" / "smoke.csv"), "--db", db], capture_output=True, text=True, timeout=300)
     assert check.returncode == 0, check.stdout + check.stderr
+
+    # the adaptive cell is never weaker than the attacker who ignores the purifier; for
+    # the purifiers (not the undefended classifier) it must be strictly stronger on digits
+    robust = {(r["defense"], r["threat"]): r["robust"] for r in Store(db).results_table() if r["dataset"] == "digits"}
+    defenses = {d for d, t in robust if t == "adaptive" and (d, "preprocessor-blind") in robust}
+    assert {"diffpure", "diffpure-ddpm", "coup", "maep", "flowpure-pgd"} <= defenses
+    for d in defenses:
+        blind, adaptive = robust[(d, "preprocessor-blind")], robust[(d, "adaptive")]
+        assert adaptive <= blind, (d, adaptive, blind)
+        if d != "none":
+            assert adaptive < blind, (d, adaptive, blind)

@@ -80,7 +80,8 @@ class ToySlow(Defense):
     killed mid-way by the resume test, whatever the speed of the machine."""
 
     Config = SlowConfig
-    gradient_paths = frozenset({GradientPath.FULL})
+    gradient_paths = frozenset({GradientPath.FULL, GradientPath.BPDA})
+    default_examples = {"adaptive": 24}  # a costly cell, subsampled unless the user says otherwise
     nfe_per_call = 1
 
     def setup(self, ctx):
