@@ -40,7 +40,6 @@ import hashlib
 import os
 import queue
 import signal
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -238,7 +237,6 @@ class Cell:
 
 
 def expand(spec: GridSpec) -> list[RunConfig]:
-    from harness import classifiers as C
 
     cfgs = []
     for ds in spec.datasets:

@@ -16,7 +16,6 @@ import pytest
 
 from harness.cli import main
 from harness.grid import GridError, expand, load_grid, run_grid
-from harness.registry import HarnessError
 from harness.store import Store
 from tests.conftest import TOY_PLUGIN
 
