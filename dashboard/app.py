@@ -74,6 +74,11 @@ def _job(db: str, sig: tuple, job_id: str) -> dict:
     }
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def _per_example_worst(db: str, sig: tuple, rule: str, jobs: pd.DataFrame) -> pd.DataFrame:
+    return Q.per_example_worst(_engine(db), jobs, rule)
+
+
 # --------------------------------------------------------------------------- charts
 def _color(field: str, n: int, title: str | None = None, sort=None) -> alt.Color:
     legend = alt.Legend(title=title or field, orient="right") if n <= 20 else None
@@ -243,6 +248,16 @@ def drilldown_section(db: str, sig: tuple, b: dict) -> None:
     rj = jobs[(jobs["defense"] == row["defense"]) & (jobs["classifier"] == row["classifier"]) & (jobs["dataset"] == row["dataset"])]
     order = {t: k for k, t in enumerate(Q.threat_order(rj["threat"]))}
     rj = rj.assign(_o=rj["threat"].map(order)).sort_values(["_o", "robust"], na_position="last")
+    pw = _per_example_worst(db, sig, st.session_state.get("rule", "headline"), rj.drop(columns=["_o"]))
+    if not pw.empty:
+        st.markdown("**Per-example worst case over the threats run** (an example counts only if every threat's job kept it robust; "
+                    "same examples, same budget and seed). It can be lower than the leaderboard's minimum over threats.")
+        show = pd.DataFrame({
+            "budget": [f"{n} {Q.fmt_eps(e)}" for n, e in zip(pw["norm"], pw["eps"])], "seed": pw["seed"], "threats": pw["threats"],
+            "n": pw["n"], "per-example worst (95% CI)": [Q.fmt_interval(a, lo, hi, n) for a, lo, hi, n in zip(pw["robust"], pw["robust_lo"], pw["robust_hi"], pw["n"])],
+            "lowest single threat": [f"{100 * v:.1f}%" for v in pw["min_of_threats"]],
+        })
+        st.dataframe(show, hide_index=True)
     ids = rj["job_id"].tolist()
     lab = {r.job_id: _job_label(r) for r in rj.itertuples()}
     default = ids.index(row["worst:job"]) if isinstance(row.get("worst:job"), str) and row["worst:job"] in ids else 0

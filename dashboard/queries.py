@@ -11,7 +11,9 @@ The leaderboard has one row per (defense, classifier, dataset):
   jobs differ by seed or budget), with its 95% Wilson interval, n, gradient path, EOT
   samples and evaluation draws, and ``jobs``: how many jobs the minimum is taken over.
 - ``worst``: the minimum over every threat run (the headline; RobustBench's "best known
-  robust accuracy"), with the interval, n and provenance of the job that gave it.
+  robust accuracy"), with the interval, n and provenance of the job that gave it. The
+  per-example minimum over threats (:func:`per_example_worst`, in the drill-down) can be
+  lower still.
 - ``clean``: the clean accuracy of the row's job with the most examples.
 - ``non_adaptive_only``: no threat whose attack differentiates through the purifier
   (job column ``adaptive``) was run, so the headline is an upper bound at best.
@@ -34,7 +36,7 @@ from sqlalchemy import String, and_, create_engine, event, inspect, select, type
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
 
-from harness.store import CurveRow, ExampleRow, Job, MetricRow, SampleRow, decode_images, resolve_url
+from harness.store import CurveRow, ExampleRow, Job, MetricRow, SampleRow, decode_images, resolve_url, wilson_interval
 
 KEY = ["defense", "classifier", "dataset"]
 #: Column order of the threat models the harness ships; others follow alphabetically.
@@ -530,6 +532,49 @@ def cost_table(jobs: pd.DataFrame, rows: pd.DataFrame | None = None) -> pd.DataF
 
 
 # --------------------------------------------------------------------------- one job
+def per_example_worst(engine: Engine, jobs: pd.DataFrame, rule: str = "headline") -> pd.DataFrame:
+    """The per-example worst case over the threats run for one leaderboard row.
+
+    The leaderboard's ``worst`` is the minimum of the threats' accuracies. An example may
+    survive one attack and fall to another, so the per-example minimum can be lower: an
+    example counts as robust only if **every** finished job of the group kept it robust
+    (each under ``rule``; "headline" = the job's own scoring rule). Jobs are grouped by
+    (norm, eps, seed); only examples present in every job of a group (same dataset
+    index) count. One row per group with at least two jobs: the threats, n, the
+    per-example worst case with its 95% interval, and the lowest single job's accuracy
+    on the same examples (``min_of_threats``) for comparison.
+    """
+    cols = ["norm", "eps", "seed", "threats", "jobs", "n", "robust", "robust_lo", "robust_hi", "min_of_threats"]
+    done = jobs[jobs["status"] == "done"] if len(jobs) else jobs
+    if done.empty:
+        return pd.DataFrame(columns=cols)
+    j, e = Job.__table__, ExampleRow.__table__
+    out = []
+    for (norm, eps, seed), g in done.groupby(["norm", "eps", "seed"], dropna=False):
+        if len(g) < 2:
+            continue
+        ids = g["job_id"].tolist()
+        with engine.connect() as conn:
+            specs = {r.id: (r.config or {}).get("threat_spec", {}) for r in conn.execute(select(j.c.id, j.c.config).where(j.c.id.in_(ids)))}
+            rows = conn.execute(
+                select(e.c.job_id, e.c.dataset_index, e.c.robust_single, e.c.robust_majority, e.c.robust_worst).where(e.c.job_id.in_(ids))
+            ).all()
+        per_job: dict[str, dict[int, bool]] = {i: {} for i in ids}
+        for jid, idx, single, majority, worst in rows:
+            r = specs.get(jid, {}).get("scoring", "worst") if rule == "headline" else rule
+            per_job[jid][int(idx)] = bool({"single": single, "majority": majority, "worst": worst}[r])
+        common = set.intersection(*(set(v) for v in per_job.values()))
+        if not common:
+            continue
+        n = len(common)
+        k = sum(all(per_job[i][x] for i in ids) for x in common)
+        lo, hi = wilson_interval(k, n)
+        min_single = min(sum(per_job[i][x] for x in common) for i in ids) / n
+        threats = ", ".join(threat_order(g["threat"].unique()))
+        out.append((norm, eps, seed, threats, len(ids), n, k / n, lo, hi, min_single))
+    return pd.DataFrame.from_records(out, columns=cols)
+
+
 def job_detail(engine: Engine, job_id: str) -> dict[str, Any] | None:
     with engine.connect() as conn:
         row = conn.execute(select(Job.__table__).where(Job.__table__.c.id == job_id)).mappings().first()

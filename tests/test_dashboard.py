@@ -232,6 +232,38 @@ def test_job_drilldown_queries(engine):
     assert pert.shape == (112, 112) and 0 < linf <= 51 / 255 + 1e-9
 
 
+def _robust_job(st: Store, jid: str, threat: str, robust: set[int], eps: float = 0.2, n: int = N) -> None:
+    st.begin_job(jid, defense="d", threat=threat, dataset="digits", classifier="c", seed=0, n_examples=n, norm="linf", eps=eps,
+                 gradient_path="full", adaptive=True, identity={}, config={"threat_spec": {"scoring": "worst"}})
+    ex = [dict(position=i, dataset_index=100 + i, label=0, clean_preds=[0], adv_preds={"pgd": [0 if i in robust else 1]},
+               worst_attack=None, linf=0.0, l2=0.0, clean_single=True, clean_majority=True, clean_worst=True,
+               robust_single=i in robust, robust_majority=i in robust, robust_worst=i in robust, detect_clean=None, detect_adv=None)
+          for i in range(n)]
+    st.write_batch(jid, 0, examples=ex, curves={}, nfe={}, seconds=0.0)
+    k = len(robust)
+    st.finish_job(jid, metrics={"robust_accuracy": (k / n, *wilson_interval(k, n), n), "clean_accuracy": (1.0, *wilson_interval(n, n), n)},
+                  curves={}, timings={}, nfe={}, environment={})
+
+
+def test_per_example_worst_case_is_below_the_minimum_of_threats(tmp_path):
+    st = Store(str(tmp_path / "w.db"))
+    _robust_job(st, "a" * 64, "bpda", set(range(0, 10)))        # 50%
+    _robust_job(st, "b" * 64, "adaptive", set(range(5, 15)))    # 50%, different examples
+    _robust_job(st, "c" * 64, "adaptive", set(range(0, 20)), eps=0.1)  # another budget: not mixed in
+    e = Q.make_engine(str(tmp_path / "w.db"))
+    try:
+        jobs = Q.load_jobs(e)
+        assert Q.leaderboard(jobs).iloc[0]["worst"] == pytest.approx(0.5)  # at eps 0.2; the minimum over threats
+        pw = Q.per_example_worst(e, jobs)
+        assert len(pw) == 1, "only the eps=0.2 group has two jobs"
+        r = pw.iloc[0]
+        assert r["eps"] == pytest.approx(0.2) and r["n"] == N and r["jobs"] == 2 and r["threats"] == "bpda, adaptive"
+        assert r["robust"] == pytest.approx(5 / N) and r["min_of_threats"] == pytest.approx(0.5)
+        assert r["robust_lo"] <= r["robust"] <= r["robust_hi"]
+    finally:
+        e.dispose()
+
+
 def test_store_is_opened_read_only(store_path, engine):
     def state():
         wal = store_path.with_name(store_path.name + "-wal")
@@ -324,6 +356,7 @@ def test_page_drilldown(store_path, monkeypatch):
     assert job.value == _job_id("toy-noise", "adaptive", "digits")  # the row's worst-case job by default
     text_out = " ".join(m.value for m in at.markdown)
     assert "toy-noise" in text_out and "adaptive" in text_out
+    assert "Per-example worst case over the threats run" in text_out
     assert any(c.value == job.value for c in at.code)  # the identity hash
     job.set_value(_job_id("toy-noise", "bpda", "digits")).run()
     assert not at.exception, at.exception
