@@ -55,7 +55,10 @@ ENVIRONMENT = {"packages": IDENTITY["packages"], "python": "3.11.7", "platform":
 def build(path: Path, n_jobs: int, seed: int = 0) -> dict:
     from sqlalchemy import insert
 
-    from harness.store import BatchRow, CurveRow, ExampleRow, Job, MetricRow, SampleRow, Store, encode_images, wilson_interval
+    from harness.evaluation.stats import wilson_interval
+    from harness.store import Store
+    from harness.store.codec import encode_images
+    from harness.store.schema import BatchRow, CurveRow, ExampleRow, Job, MetricRow, SampleRow
 
     if path.exists():
         for f in path.parent.glob(path.name + "*"):

@@ -57,7 +57,7 @@ def _build(args, steps: int, checkpoint: bool):
     """The defense with ``steps`` solver steps over [1e-5, t*], and an input batch."""
     import defenses  # noqa: F401
     from defenses import _diffusion as D
-    from harness.types import DEFENSES, SetupContext
+    from harness.core.defense import DEFENSES, SetupContext
 
     dt = (T_STAR - D.T_END) / steps
     cfg = {"t_star": T_STAR, "dt": dt, "checkpoint": checkpoint}

@@ -44,9 +44,9 @@ def main() -> int:
     from defenses.flowpure import VARIANTS, VelocityField, build_unet
     from harness.classifiers import default_classifier, load_classifier
     from harness.data import DATASETS, load_split
-    from harness.registry import HarnessError
-    from harness.train_flowpure import RECIPES, cfm_loss, make_sources
-    from harness.types import DEFENSES, SetupContext
+    from harness.core.registry import HarnessError
+    from harness.training.flowpure import RECIPES, cfm_loss, make_sources
+    from harness.core.defense import DEFENSES, SetupContext
 
     dev = torch.device(a.device)
     info = DATASETS.get(a.dataset)

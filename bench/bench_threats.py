@@ -29,7 +29,7 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[])
     a = p.parse_args()
 
-    from harness.engine import RunConfig, parse_set, resolve, run_job
+    from harness.evaluation import RunConfig, parse_set, resolve, run_job
     from harness.store import Store
 
     results = []

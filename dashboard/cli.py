@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from harness.registry import HarnessError
+from harness.core.registry import HarnessError
 
 APP = Path(__file__).resolve().with_name("app.py")
 DB_ENV = "HARNESS_DASHBOARD_DB"

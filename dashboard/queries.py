@@ -36,7 +36,10 @@ from sqlalchemy import String, and_, create_engine, event, inspect, select, type
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
 
-from harness.store import CurveRow, ExampleRow, Job, MetricRow, SampleRow, decode_images, resolve_url, wilson_interval
+from harness.evaluation.stats import wilson_interval
+from harness.store import resolve_url
+from harness.store.codec import decode_images
+from harness.store.schema import CurveRow, ExampleRow, Job, MetricRow, SampleRow
 
 KEY = ["defense", "classifier", "dataset"]
 #: Column order of the threat models the harness ships; others follow alphabetically.

@@ -1,4 +1,4 @@
-"""Defense plugins: one module per defense, registered in ``harness.types.DEFENSES``.
+"""Defense plugins: one module per defense, registered in ``harness.core.DEFENSES``.
 
 Importing this package imports every module in it (registration happens at class
 definition). Modules whose optional dependencies are missing are skipped with a

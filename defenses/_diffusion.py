@@ -47,9 +47,9 @@ import torch.utils.checkpoint
 import torchsde
 from torch import nn
 
-from harness.env import sha256_file
-from harness.registry import HarnessError
-from harness.types import Defense, SetupContext, randn_like
+from harness.core.env import sha256_file
+from harness.core.registry import HarnessError
+from harness.core.defense import CostLevel, Defense, SetupContext, randn_like
 
 BETA_MIN = 0.1
 BETA_MAX = 20.0
@@ -566,10 +566,10 @@ class DiffusionDefense(Defense):
     DEFAULTS: ClassVar[dict[str, Any]] = {}
     #: Per-dataset overrides of :attr:`DEFAULTS` (CPU-scaled settings of the embedded datasets).
     DATASET_DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {}
-    #: adaptive cells cost ~100 purifier NFEs per gradient per EOT sample: 64 examples unless
-    #: --n-examples says otherwise (spec section 6 suggests 64-128; 64 keeps the digits cell
-    #: under 5 minutes on a 2-core CPU)
-    default_examples: ClassVar[dict[str, int]] = {"adaptive": 64}
+    #: cells that differentiate through the purifier cost ~100 purifier NFEs per gradient per
+    #: EOT sample: 64 examples unless --n-examples says otherwise (spec section 6 suggests
+    #: 64-128; 64 keeps the digits adaptive cell under 5 minutes on a 2-core CPU)
+    default_examples: ClassVar[dict[str, int]] = {CostLevel.GRADIENT.value: 64}
 
     def __init__(self, config=None):
         super().__init__(config)

@@ -48,8 +48,8 @@ from defenses._diffusion import (
     sde_steps,
     strict_fp32,
 )
-from harness.registry import HarnessError
-from harness.types import DefenseConfig, GradientPath, SetupContext, register_defense
+from harness.core.registry import HarnessError
+from harness.core.defense import DefenseConfig, GradientPath, SetupContext, register_defense
 
 _DATASET_HELP = "; None = the dataset's default"
 

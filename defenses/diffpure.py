@@ -52,8 +52,8 @@ from defenses._diffusion import (
     sde_steps,
     timestep_index,
 )
-from harness.registry import HarnessError
-from harness.types import DefenseConfig, GradientPath, randn_like, register_defense
+from harness.core.registry import HarnessError
+from harness.core.defense import DefenseConfig, GradientPath, randn_like, register_defense
 
 _DATASET_HELP = "; None = the dataset's default"
 

@@ -1,7 +1,7 @@
 """FlowPure (Collaert et al. 2025, arXiv 2505.13280): purification with a conditional flow.
 
 A continuous normalizing flow ``dx/dt = v_theta(t, x)`` trained by conditional flow
-matching (``harness train flowpure``, :mod:`harness.train_flowpure`) carries a source
+matching (``harness train flowpure``, :mod:`harness.training.flowpure`) carries a source
 image at t = 0 (adversarial or noisy) to its clean image at t = 1 (spec 2.3; the
 torchcfm convention x0 = source, x1 = clean). Three registered variants:
 
@@ -43,9 +43,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from harness.env import sha256_file
-from harness.registry import HarnessError
-from harness.types import Defense, DefenseConfig, GradientPath, SetupContext, randn_like, register_defense
+from harness.core.env import sha256_file
+from harness.core.registry import HarnessError
+from harness.core.defense import Defense, DefenseConfig, GradientPath, SetupContext, randn_like, register_defense
 
 #: Noise level of the Gaussian training sources (official ``SIGMA = 3``, divided by 10).
 SIGMA_MAX = 0.3

@@ -5,7 +5,7 @@ A ViT masked autoencoder P = D o E trained from scratch with the MAEP loss
 adversarial image (a random mask M per sample, ratio 0.75 by default), the decoder D
 sees every token (mask tokens where patches were hidden), and the target is the *clean*
 image on every pixel. At inference nothing is masked: one deterministic forward pass
-(NFE 1). Training is ``harness train maep`` (:mod:`harness.train_maep`).
+(NFE 1). Training is ``harness train maep`` (:mod:`harness.training.maep`).
 
 The architecture follows the common PyTorch CIFAR MAE (IcarusWizard/MAE, the spec's
 inferred backbone): patch size 2, a cls token, learned positional embeddings for the
@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.classifiers import sha256_file
-from harness.registry import HarnessError
-from harness.types import Defense, DefenseConfig, GradientPath, SetupContext, register_defense
+from harness.core.registry import HarnessError
+from harness.core.defense import Defense, DefenseConfig, GradientPath, SetupContext, register_defense
 
 #: Folder of the shipped weights (``maep-<dataset>.pt`` with its ``.json`` recipe).
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "harness" / "weights"

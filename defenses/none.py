@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.types import Defense, GradientPath, register_defense
+from harness.core.defense import Defense, GradientPath, register_defense
 
 
 @register_defense("none")

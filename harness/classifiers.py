@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.env import sha256_file  # re-exported: trainers import it from here
+from harness.core.env import sha256_file  # re-exported: trainers import it from here
 from harness.data import DATASETS
-from harness.registry import HarnessError, Registry, suggest
+from harness.core.registry import HarnessError, Registry, suggest
 
 #: Where the shipped small-CNN weights live (inside the package).
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"

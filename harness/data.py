@@ -44,8 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from harness.env import sha256_file
-from harness.registry import HarnessError, Registry
+from harness.core.env import sha256_file
+from harness.core.registry import HarnessError, Registry
 
 SPLITS = ("train", "test")
 

@@ -15,7 +15,7 @@ TOY_PLUGIN = str(Path(__file__).parent / "plugins" / "toy_defenses.py")
 @pytest.fixture(scope="session", autouse=True)
 def _registries():
     """Load built-in plugins and the toy plugin once (as `--plugin` would)."""
-    from harness.plugins import load_builtin, load_plugin
+    from harness.core.plugins import load_builtin, load_plugin
 
     torch.set_num_threads(1)
     load_builtin()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.types import DEFENSES, GradientPath
+from harness.core.defense import DEFENSES, GradientPath
 from threat_models import attacks as A
 
 

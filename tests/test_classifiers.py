@@ -22,7 +22,7 @@ from harness.classifiers import (
     load_classifier,
 )
 from harness.data import load_split
-from harness.registry import HarnessError
+from harness.core.registry import HarnessError
 
 RESNET_FILES = {name: fname for name, fname in KNOWN_RESNET_CHECKPOINTS.values()}
 
@@ -272,8 +272,8 @@ def test_robustbench_loads_a_supplied_checkpoint(tmp_path, no_network):
 
 # --------------------------------------------------------------------------- training
 def test_train_classifier_writes_loadable_weights(tmp_path):
-    from harness.train_classifier import train_classifier
-    from harness.trainers import TRAINERS
+    from harness.training.classifier import train_classifier
+    from harness.training import TRAINERS
 
     rec = train_classifier("digits", epochs=2, seed=1, out=tmp_path)
     pt = tmp_path / "digits-cnn.pt"

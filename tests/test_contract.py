@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 import torch
 
-from harness.types import DEFENSES, Defense, GradientPath, SetupContext
+from harness.core.defense import DEFENSES, Defense, GradientPath, SetupContext
 
 #: Per-defense config overrides that make setup fast on a CPU (tiny networks, few steps).
 TINY: dict[str, dict] = {}
@@ -21,7 +21,7 @@ BROKEN = {"toy-nan"}
 
 
 def _names():
-    from harness.plugins import load_builtin, load_plugin
+    from harness.core.plugins import load_builtin, load_plugin
     from tests.conftest import TOY_PLUGIN
 
     load_builtin()

@@ -22,7 +22,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from dashboard import queries as Q
-from harness.store import Store, wilson_interval
+from harness.evaluation.stats import wilson_interval
+from harness.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "dashboard" / "app.py")

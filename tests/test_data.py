@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from harness.data import DATASETS, EvalSubset, eval_subset, load_split
-from harness.registry import HarnessError
+from harness.core.registry import HarnessError
 
 
 # --------------------------------------------------------------------------- bundled datasets

@@ -22,8 +22,8 @@ import defenses  # noqa: F401  (registers the defenses)
 from defenses import _diffusion as D
 from defenses.coup import COUP
 from defenses.diffpure import DiffPure, DiffPureDDPM
-from harness.registry import HarnessError
-from harness.types import DEFENSES, GradientPath, SetupContext
+from harness.core.registry import HarnessError
+from harness.core.defense import DEFENSES, GradientPath, SetupContext
 
 NAMES = ("diffpure", "diffpure-ddpm", "coup")
 #: Small settings so every purification is a handful of tiny-UNet calls.
@@ -370,7 +370,7 @@ def test_shipped_digits_backbone_loads_and_matches_its_recipe():
 
 
 def test_recipe_checkpoint_round_trip_and_tamper_check(tmp_path):
-    from harness.train_diffusion import RECIPES, save_grid, train_diffusion
+    from harness.training.diffusion import RECIPES, save_grid, train_diffusion
 
     rec = train_diffusion("digits", steps=2, out=tmp_path, grid=False)
     pt = tmp_path / f"{RECIPES['digits'].name}.pt"
@@ -387,7 +387,7 @@ def test_recipe_checkpoint_round_trip_and_tamper_check(tmp_path):
 
 
 def test_diffusion_trainer_is_registered():
-    from harness.trainers import load_trainers
+    from harness.training import load_trainers
 
     assert "diffusion" in load_trainers()
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import engine as E
-from harness.registry import HarnessError
+from harness import evaluation as E
+from harness.core.registry import HarnessError
 from harness.store import Store
 from tests.conftest import TOY_PLUGIN
 
@@ -65,7 +65,9 @@ def test_interrupted_job_resumes_to_the_same_result(tmp_path, monkeypatch):
     ref = E.run_job(E.resolve(c), ref_store, progress=False)
 
     st = Store(str(tmp_path / "r.db"))
-    real = E.run_batch
+    from harness.evaluation import lifecycle as L
+
+    real = L.run_batch
     calls = {"n": 0}
 
     def flaky(job, b, *a, **k):
@@ -74,11 +76,11 @@ def test_interrupted_job_resumes_to_the_same_result(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(job, b, *a, **k)
 
-    monkeypatch.setattr(E, "run_batch", flaky)
+    monkeypatch.setattr(L, "run_batch", flaky)
     with pytest.raises(KeyboardInterrupt):
         E.run_job(E.resolve(c), st, progress=False)
     assert st.done_batches(ref.job_id) == {0, 1}
-    monkeypatch.setattr(E, "run_batch", real)
+    monkeypatch.setattr(L, "run_batch", real)
     resumed = E.run_job(E.resolve(c), st, progress=False)
     assert resumed.metrics == ref.metrics
     assert resumed.timings["resumed_batches"] == 2
@@ -115,7 +117,7 @@ def test_stochastic_defense_scoring_rules_are_ordered(store):
 
 
 def _lost_everywhere(e, attacks) -> bool:
-    from threat_models.attacks import score_draws
+    from threat_models.scoring import score_draws
 
     ok = {r: getattr(e, f"clean_{r}") for r in ("single", "majority", "worst")}
     for a in attacks:
@@ -131,7 +133,7 @@ def test_cascade_skips_only_examples_lost_under_every_rule(store):
         jobs[cascade] = E.resolve(cfg(defense="toy-noise", threat="adaptive", n_examples=32, overrides=over + [("cascade", cascade)]))
         runs[cascade] = E.run_job(jobs[cascade], store, progress=False)
     assert runs["true"].job_id != runs["false"].job_id
-    order = [label for label, _, _ in E.attack_plan(jobs["true"])]
+    order = [p.label for p in jobs["true"].plan.attacks]
     # the adaptive default: every attack through the exact gradient, then through BPDA
     assert order == ["pgd", "apgd-ce", "apgd-dlr", "pgd@bpda", "apgd-ce@bpda", "apgd-dlr@bpda"]
     rows_on = store.example_rows(runs["true"].job_id)

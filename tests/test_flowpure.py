@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from defenses.flowpure import SIGMA_MAX, FlowPureGauss, FlowPurePGD, VelocityField, build_unet, shipped_weights_dir
-from harness.registry import HarnessError
-from harness.train_diffusion import small_unet_config
-from harness.train_flowpure import FlowPureRecipe, cfm_loss, cw_l2, train_flowpure
-from harness.types import SetupContext
+from harness.core.registry import HarnessError
+from harness.training.diffusion import small_unet_config
+from harness.training.flowpure import FlowPureRecipe, cfm_loss, cw_l2, train_flowpure
+from harness.core.defense import SetupContext
 
 DIGITS_CTX = dict(dataset="digits", image_shape=(1, 8, 8), num_classes=10)
 
@@ -54,7 +54,7 @@ def flow_pgd(digits_cnn):
 def heldout_adv(digits_cnn):
     """PGD-linf at the digits test budget (0.2, 20 steps of 0.05) against the shipped CNN, on 64 test digits."""
     from harness.data import load_split
-    from threat_models.attacks import pgd
+    from threat_models.attacks.pgd import pgd
 
     x, y = load_split("digits", "test")
     x, y = x[:64], y[:64]
@@ -77,7 +77,7 @@ def test_cfm_loss_falls_on_a_tiny_run(tmp_path):
 
 
 def test_resume_continues_bit_identically(tmp_path, monkeypatch):
-    import harness.train_flowpure as T
+    import harness.training.flowpure as T
 
     recipe = _tiny_recipe(ckpt_every=3)
     straight = train_flowpure("gauss", "digits", steps=6, out=tmp_path / "a", eval_n=0, recipe=recipe, progress=False)
@@ -159,7 +159,7 @@ def test_deterministic_purification_is_reproducible(flow_pgd, digits_cnn, heldou
 
 
 def test_shipped_model_keeps_its_recorded_accuracy():
-    from harness.engine import RunConfig, resolve, run_job
+    from harness.evaluation import RunConfig, resolve, run_job
     from harness.store import Store
 
     recipe = json.loads((shipped_weights_dir() / "flowpure-pgd-digits.json").read_text())
@@ -264,6 +264,6 @@ def test_bad_options_and_mismatched_weights_are_errors(tmp_path):
 
 
 def test_trainer_is_registered():
-    from harness.trainers import load_trainers
+    from harness.training import load_trainers
 
     assert "flowpure" in load_trainers().names()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from harness.types import DEFENSES, GradientPath
+from harness.core.defense import DEFENSES, GradientPath
 
 
 def test_bpda_gradient_equals_classifier_gradient_at_purified_input(tiny_clf, images01, labels):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.grid import GridError, expand, load_grid, run_grid
+from harness.scheduler import GridError, expand, load_grid, run_grid
 from harness.store import Store
 from tests.conftest import TOY_PLUGIN
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from defenses import maep as M
-from harness.registry import HarnessError
-from harness.types import SetupContext
+from harness.core.registry import HarnessError
+from harness.core.defense import SetupContext
 
 #: A network small enough for float64 finite differences in a fraction of a second.
 TINY_ARCH = dict(patch=2, emb=16, enc_depth=1, enc_heads=2, dec_depth=1, dec_heads=2, mlp_ratio=2.0)
@@ -153,7 +153,7 @@ def test_corrupt_weights_are_refused(tmp_path):
 def test_shipped_weights_fit_the_recipe(shipped, recipe):
     assert M.shipped_weights("digits").stat().st_size < 2_000_000
     assert recipe["sha256"] == M.sha256_file(M.shipped_weights("digits"))
-    from harness.train_maep import RECIPES
+    from harness.training.maep import RECIPES
 
     assert recipe["mask_ratio"] == RECIPES["digits"].mask_ratio and recipe["adversarial_inputs"]["eps"] == 0.2
     assert recipe["command"].startswith("harness train maep --dataset digits --seed 0") and recipe["train_time_s"] < 900
@@ -163,7 +163,7 @@ def test_shipped_weights_fit_the_recipe(shipped, recipe):
 def test_shipped_model_moves_heldout_adversarial_inputs_towards_clean(shipped):
     from harness.classifiers import load_classifier
     from harness.data import load_split
-    from harness.train_maep import RECIPES, make_adversarial
+    from harness.training.maep import RECIPES, make_adversarial
 
     x, y = load_split("digits", "test")
     x, y = x[-128:], y[-128:]
@@ -176,7 +176,7 @@ def test_shipped_model_moves_heldout_adversarial_inputs_towards_clean(shipped):
 
 
 def test_shipped_model_keeps_recorded_accuracy_through_the_engine(recipe):
-    from harness.engine import RunConfig, resolve, run_job
+    from harness.evaluation import RunConfig, resolve, run_job
     from harness.store import Store
 
     rec = recipe["engine_eval"]
@@ -189,7 +189,7 @@ def test_shipped_model_keeps_recorded_accuracy_through_the_engine(recipe):
 
 # --------------------------------------------------------------------------- training
 def _train(tmp_path, **kw):
-    from harness.train_maep import train_maep
+    from harness.training.maep import train_maep
 
     args = dict(
         epochs=6, batch_size=32, lr=3e-3, pgd_steps=2, arch_overrides=TRAIN_ARCH, n_train=96, eval_n=0,
@@ -224,6 +224,6 @@ def test_resume_continues_to_the_uninterrupted_result(tmp_path):
 
 
 def test_trainer_is_registered():
-    from harness.trainers import load_trainers
+    from harness.training import load_trainers
 
     assert "maep" in load_trainers().names()

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from harness import engine as E
-from harness.quality import PSNR_MAX_DB, psnr, ssim
+from harness import evaluation as E
+from harness.evaluation.quality import PSNR_MAX_DB, psnr, ssim
 from harness.store import Store
 from tests.conftest import TOY_PLUGIN
 

@@ -7,8 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from harness.registry import HarnessError
-from harness.store import Store, decode_images, encode_images, resolve_url, wilson_interval
+from harness.core.registry import HarnessError
+from harness.evaluation.stats import wilson_interval
+from harness.store import Store, resolve_url
+from harness.store.codec import decode_images, encode_images
 
 
 def _example(pos: int, ok: bool = True) -> dict:

@@ -1,11 +1,21 @@
 """Threat models as versioned data.
 
-A :class:`ThreatSpec` is a frozen record of everything that defines an attack protocol:
-norm and budget, attacks, steps and step size, restarts, EOT samples per gradient,
-evaluation draws per example, the scoring rule and the gradient path. A
-:class:`ThreatModel` is a named template that resolves to a spec for a dataset (CIFAR
-budgets differ from those of the 8x8 digits) with user overrides applied
+A :class:`ThreatSpec` is a frozen record of everything that defines an attack protocol,
+in three stages:
+
+1. an optional input **shift** (a registered transform of the clean inputs, labels
+   kept, applied before everything else; ``none`` by default);
+2. the **attacks** (registered attacks or attack suites, per-example minimum), each
+   through a gradient path (``gradient_path``, or ``attack@path``), repeated through
+   ``also_paths``, with the generic knobs the attacks read (norm and budget, steps and
+   step size, restarts, EOT samples per gradient) and per-attack options
+   (``attack_options``: ``"square.n_queries=1000"``);
+3. the **scoring** rule over ``eval_draws`` independent purifications per example.
+
+A :class:`ThreatModel` is a named template that resolves to a spec for a dataset
+family (CIFAR budgets differ from those of the 8x8 digits) with user overrides applied
 (``--set eps=0.05``). The resolved spec, not the template, enters the job identity.
+Templates are registered one file each in ``threat_models/threats/``.
 
 Per-dataset defaults follow ``shared/spec/DEFENSES_AND_THREATS.md``: on CIFAR, l_inf
 8/255 and l_2 0.5 with the papers' step counts; on the embedded digit datasets an eps at
@@ -20,12 +30,31 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from harness.registry import HarnessError, Registry, suggest
-from harness.types import GradientPath, build_config, config_to_dict, parse_gradient_path
+from harness.core.config import build_config, config_to_dict
+from harness.core.defense import parse_gradient_path
+from harness.core.registry import HarnessError, Registry, suggest
+from threat_models.losses import LOSSES
 
-#: Attack names a spec may list. ``autoattack-rand`` = APGD-CE + APGD-DLR with EOT;
-#: ``autoattack-standard`` = APGD-CE, APGD-T, FAB-T, Square (deterministic defenses).
-ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "autoattack-rand", "autoattack-standard")
+
+def canonical_float(v: float) -> float:
+    """``v`` rounded to 12 significant digits, so 1/5, 0.2 and 0.05 * 4 are one number."""
+    return float(f"{v:.12g}")
+
+
+def split_attack_entry(entry: str) -> tuple[str, str | None]:
+    """``"pgd@bpda"`` -> ``("pgd", "bpda")``; ``"pgd"`` -> ``("pgd", None)``."""
+    if "@" in entry:
+        name, path = entry.split("@", 1)
+        return name, path
+    return entry, None
+
+
+def parse_option(item: str, owner: str) -> tuple[str, str]:
+    """``"key=value"`` -> (key, value) with a one-line error otherwise."""
+    if "=" not in item:
+        raise HarnessError(f"{owner}: option '{item}' must be key=value")
+    k, v = item.split("=", 1)
+    return k.strip(), v.strip()
 
 
 @dataclass(frozen=True)
@@ -34,15 +63,25 @@ class ThreatSpec:
 
     name: str = field(metadata={"help": "threat model name"})
     version: str = field(default="1", metadata={"help": "bumped whenever the protocol changes"})
-    norm: Literal["linf", "l2"] = field(default="linf", metadata={"help": "perturbation norm"})
+    shift: str = field(default="none", metadata={"help": "input shift applied to the clean inputs first (harness ls shifts)"})
+    shift_options: tuple[str, ...] = field(
+        default=(), metadata={"help": "options of the shift, key=value (--set shift.KEY=V or the bare key)"}
+    )
+    norm: str = field(default="linf", metadata={"help": "perturbation norm (linf, l2)"})
     eps: float = field(default=8 / 255, metadata={"help": "budget in the [0,1] pixel domain"})
-    attacks: tuple[str, ...] = field(default=("pgd",), metadata={"help": f"attacks, per-example minimum ({', '.join(ATTACKS)})"})
+    attacks: tuple[str, ...] = field(
+        default=("pgd",),
+        metadata={"help": "attacks or suites, per-example minimum; NAME@PATH pins a gradient path (harness ls attacks)"},
+    )
     steps: int = field(default=10, metadata={"help": "PGD iterations"})
     step_size: float = field(default=2 / 255, metadata={"help": "PGD step size (sign step for linf, normalised for l2)"})
     restarts: int = field(default=1, metadata={"help": "PGD restarts; the best per example is kept"})
     random_start: bool = field(default=True, metadata={"help": "PGD starts uniformly inside the ball"})
     loss: Literal["ce", "cw", "dlr"] = field(default="ce", metadata={"help": "PGD loss"})
-    apgd_steps: int = field(default=100, metadata={"help": "iterations of each APGD attack (AutoAttack)"})
+    apgd_steps: int = field(default=100, metadata={"help": "iterations of each APGD / FAB attack (AutoAttack)"})
+    attack_options: tuple[str, ...] = field(
+        default=(), metadata={"help": "per-attack options, ATTACK.KEY=VALUE (--set ATTACK.KEY=VALUE)"}
+    )
     cascade: bool = field(
         default=True,
         metadata={
@@ -77,36 +116,65 @@ class ThreatSpec:
     detect: bool = field(default=False, metadata={"help": "store the detection ROC-AUC for defenses with a detection score"})
 
     def __post_init__(self):
-        if self.norm not in ("linf", "l2"):
-            raise HarnessError(f"threat '{self.name}': norm must be linf or l2, got {self.norm!r}")
+        from harness.core.attack import ATTACKS, SUITES
+        from harness.core.shift import SHIFTS
+        from threat_models.norms import NORMS
+
+        who = f"threat '{self.name}'"
+        if self.norm not in NORMS:
+            raise HarnessError(f"{who}: unknown norm '{self.norm}'{suggest(self.norm, NORMS.names())} (choose from {', '.join(NORMS.names())})")
         if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps)) or self.eps <= 0:
-            raise HarnessError(f"threat '{self.name}': eps={self.eps} is out of range (must be > 0)")
+            raise HarnessError(f"{who}: eps={self.eps} is out of range (must be > 0)")
         if self.norm == "linf" and self.eps > 1:
-            raise HarnessError(f"threat '{self.name}': eps={self.eps} is out of range for linf on [0,1] images (0 < eps <= 1)")
-        for a in self.attacks:
-            if a not in ATTACKS:
-                raise HarnessError(f"threat '{self.name}': unknown attack '{a}'{suggest(a, list(ATTACKS))}")
+            raise HarnessError(f"{who}: eps={self.eps} is out of range for linf on [0,1] images (0 < eps <= 1)")
+        if not self.attacks:
+            raise HarnessError(f"{who}: needs at least one attack")
+        names = sorted(set(ATTACKS.names()) | set(SUITES.names()))
+        for entry in self.attacks:
+            a, path = split_attack_entry(entry)
+            if a not in ATTACKS and a not in SUITES:
+                raise HarnessError(f"{who}: unknown attack '{a}'{suggest(a, names)} (available: {', '.join(names)})")
+            if path is not None:
+                parse_gradient_path(path)
         for p in self.also_paths:
             parse_gradient_path(p)
             if p in ("classifier", "auto"):
-                raise HarnessError(f"threat '{self.name}': also_paths takes defended paths (bpda, full, adjoint, surrogate), got '{p}'")
-        if not self.attacks:
-            raise HarnessError(f"threat '{self.name}': needs at least one attack")
+                raise HarnessError(f"{who}: also_paths takes defended paths (bpda, full, adjoint, surrogate), got '{p}'")
+        if self.shift not in SHIFTS:
+            raise HarnessError(f"{who}: unknown shift '{self.shift}'{suggest(self.shift, SHIFTS.names())} (available: {', '.join(SHIFTS.names())})")
         for k in ("steps", "restarts", "eot_samples", "eval_draws", "batch_size", "apgd_steps", "max_forward"):
             if getattr(self, k) < (0 if k == "steps" else 1):
-                raise HarnessError(f"threat '{self.name}': {k}={getattr(self, k)} is out of range")
+                raise HarnessError(f"{who}: {k}={getattr(self, k)} is out of range")
         if self.step_size <= 0 or not math.isfinite(self.step_size):
-            raise HarnessError(f"threat '{self.name}': step_size={self.step_size} is out of range (must be > 0)")
+            raise HarnessError(f"{who}: step_size={self.step_size} is out of range (must be > 0)")
         if self.gradient_path != "auto":
             parse_gradient_path(self.gradient_path)
+        if self.loss not in LOSSES:
+            raise HarnessError(f"{who}: loss must be one of {', '.join(LOSSES)}")
+        for item in self.attack_options:
+            key, _ = parse_option(item, who)
+            if "." not in key or key.split(".", 1)[0] not in ATTACKS:
+                raise HarnessError(f"{who}: attack option '{item}' must be ATTACK.KEY=VALUE with a registered attack")
+        for item in self.shift_options:
+            parse_option(item, who)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able fields (the spec's part of the job identity)."""
         return config_to_dict(self)
 
-    @property
-    def attacks_defense(self) -> bool:
-        """True if the attacker differentiates through (or around) the purifier."""
-        return self.gradient_path != GradientPath.CLASSIFIER.value
+    def options_for_attack(self, attack: str) -> dict[str, str]:
+        """The ``attack_options`` of one attack, as key -> value (the last setting wins)."""
+        out: dict[str, str] = {}
+        for item in self.attack_options:
+            key, value = parse_option(item, f"threat '{self.name}'")
+            owner, k = key.split(".", 1)
+            if owner == attack:
+                out[k] = value
+        return out
+
+    def options_for_shift(self) -> dict[str, str]:
+        """The ``shift_options`` as key -> value (the last setting wins)."""
+        return dict(parse_option(item, f"threat '{self.name}'") for item in self.shift_options)
 
     def check_eps_for(self, image_numel: int) -> None:
         """An l2 budget larger than the diameter of [0,1]^D is meaningless."""
@@ -116,9 +184,18 @@ class ThreatSpec:
             )
 
 
+def merge_options(base: tuple[str, ...] | list[str], extra: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Option lists ``key=value`` merged by key, ``extra`` winning, in first-seen order."""
+    merged: dict[str, str] = {}
+    for item in list(base) + list(extra):
+        k, v = parse_option(item, "options")
+        merged[k] = v
+    return tuple(f"{k}={v}" for k, v in merged.items())
+
+
 @dataclass(frozen=True)
 class ThreatModel:
-    """A named protocol template; :meth:`resolve` gives the spec for one dataset."""
+    """A named protocol template; :meth:`resolve` gives the spec for one dataset family."""
 
     name: str
     description: str
@@ -129,8 +206,10 @@ class ThreatModel:
     l2_eps: dict[str, float] = field(default_factory=dict)
 
     def resolve(self, family: str, overrides: dict[str, Any] | None = None) -> ThreatSpec:
+        """The spec for ``family`` with ``overrides`` (field -> value; option lists merge)."""
         values = dict(self.base)
-        values.update(self.per_family.get(family, {}))
+        for k, v in self.per_family.get(family, {}).items():
+            values[k] = merge_options(values.get(k, ()), v) if k in _OPTION_FIELDS else v
         overrides = dict(overrides or {})
         if overrides.get("norm") == "l2" and "eps" not in overrides:
             values["eps"] = self.l2_eps.get(family, 0.5)
@@ -140,10 +219,17 @@ class ThreatModel:
             old_eps = float(values.get("eps", 8 / 255))
             new_eps = build_config(ThreatSpec, {"name": self.name, "eps": overrides["eps"]}, owner=f"threat '{self.name}'").eps
             values["step_size"] = float(values.get("step_size", 2 / 255)) * new_eps / old_eps
-        values.update(overrides)
+        for k, v in overrides.items():
+            if k in _OPTION_FIELDS:
+                v = merge_options(values.get(k, ()), [v] if isinstance(v, str) else list(v))
+            values[k] = v
         values["name"] = self.name
-        return build_config(ThreatSpec, values, owner=f"threat '{self.name}'")
+        spec = build_config(ThreatSpec, values, owner=f"threat '{self.name}'")
+        return dataclasses.replace(spec, eps=canonical_float(spec.eps), step_size=canonical_float(spec.step_size))
 
+
+#: Spec fields that hold key=value option lists (merged by key, not replaced).
+_OPTION_FIELDS = ("attack_options", "shift_options")
 
 THREATS: Registry[ThreatModel] = Registry("threat")
 
@@ -159,64 +245,24 @@ _CPU_FAMILIES = {
     "digits": {"eps": DIGITS_LINF_EPS, "step_size": DIGITS_LINF_EPS / 4},
     "mnist": {"eps": MNIST_LINF_EPS, "step_size": MNIST_LINF_EPS / 4},
 }
-_L2 = {"cifar": 0.5, "digits": 1.0, "mnist": 2.0}
+#: l_2 budgets per dataset family (CIFAR 0.5 as in the papers; digits and MNIST measured).
+L2_EPS = {"cifar": 0.5, "digits": 1.0, "mnist": 2.0}
 
 
-def _family(extra: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def family_defaults(extra: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The per-family budgets of the embedded datasets, plus a template's own per-family values."""
     out = {k: dict(v) for k, v in _CPU_FAMILIES.items()}
     for fam, vals in extra.items():
         out.setdefault(fam, {}).update(vals)
     return out
 
 
-THREATS.register(
-    "preprocessor-blind",
-    ThreatModel(
-        name="preprocessor-blind",
-        description="PGD on the classifier alone (the attacker ignores the purifier); then purify and classify R times",
-        base=dict(
-            attacks=("pgd",), steps=10, step_size=2 / 255, random_start=True, gradient_path="classifier",
-            eot_samples=1, eval_draws=10, scoring="worst",
-        ),
-        per_family=_family({"digits": {"steps": 20}, "mnist": {"steps": 20}}),
-        l2_eps=_L2,
-    ),
-)
-
-THREATS.register(
-    "bpda",
-    ThreatModel(
-        name="bpda",
-        description="BPDA+EOT (DiffPure/Hill et al.): purify forward, identity backward, logits averaged over EOT samples",
-        base=dict(
-            attacks=("pgd",), steps=50, step_size=2 / 255, random_start=False, gradient_path="bpda",
-            eot_samples=15, eot_reduce="logits", eval_draws=10, scoring="worst",
-        ),
-        per_family=_family({"digits": {"steps": 20, "eot_samples": 4}, "mnist": {"steps": 20, "eot_samples": 4}}),
-        l2_eps=_L2,
-    ),
-)
-
-THREATS.register(
-    "adaptive",
-    ThreatModel(
-        name="adaptive",
-        description="fully adaptive white-box: PGD-EOT and AutoAttack-rand (APGD-CE, APGD-DLR) through the exact gradient, then again "
-        "through BPDA on the examples that survive; per-example minimum",
-        base=dict(
-            attacks=("pgd", "autoattack-rand"), steps=200, step_size=0.007, random_start=False, gradient_path="auto",
-            also_paths=("bpda",), eot_samples=20, apgd_steps=100, eval_draws=10, scoring="worst",
-        ),
-        per_family=_family(
-            {
-                "digits": {"steps": 40, "eot_samples": 4, "apgd_steps": 40},
-                "mnist": {"steps": 40, "eot_samples": 4, "apgd_steps": 40},
-            }
-        ),
-        l2_eps=_L2,
-    ),
-)
+def register_threat(model: ThreatModel) -> ThreatModel:
+    """Register a threat template under its name."""
+    THREATS.register(model.name, model)
+    return model
 
 
 def spec_fields() -> dict[str, str]:
+    """Spec field -> help text (the threat keys ``--set`` accepts)."""
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(ThreatSpec) if f.name != "name"}

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from harness.types import Defense, DefenseConfig, GradientPath, randn_like, register_defense
+from harness.core import Defense, DefenseConfig, GradientPath, randn_like, register_defense
 
 
 def _blur(x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +81,7 @@ class ToySlow(Defense):
 
     Config = SlowConfig
     gradient_paths = frozenset({GradientPath.FULL, GradientPath.BPDA})
-    default_examples = {"adaptive": 24}  # a costly cell, subsampled unless the user says otherwise
+    default_examples = {"purifier-gradient": 24}  # costly cells, subsampled unless the user says otherwise
     nfe_per_call = 1
 
     def setup(self, ctx):

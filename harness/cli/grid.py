@@ -1,0 +1,40 @@
+"""``harness grid``: run a YAML grid of cells (local worker processes or Ray), skipping stored ones."""
+
+from __future__ import annotations
+
+
+def cmd_grid(args) -> int:
+    from harness.scheduler import load_grid, run_grid
+    from harness.store import Store
+
+    spec = load_grid(args.file)
+    store = Store(args.db)
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else ["cpu"]
+    print(f"grid {spec.name}: {len(spec.defenses)} defenses x {len(spec.threats)} threats x {len(spec.datasets)} datasets "
+          f"x {max(1, len(spec.classifiers))} classifiers x {len(spec.seeds)} seeds -> {store.url}")
+    summary = run_grid(
+        spec, store, executor=args.executor, devices=devices, address=args.address, ray_cpus=args.ray_cpus,
+        force=args.force, dry_run=args.dry_run,
+    )
+    if args.dry_run:
+        for c in summary.cells:
+            state = {"pending": "run", "done": "done", "skipped": "skip", "duplicate": "dup"}.get(c.state, c.state)
+            extra = f"  ({c.reason})" if c.reason else ""
+            print(f"  {state:<5} {c.job_id[:12]}  {c.label()}{extra}")
+    counts = summary.counts()
+    print("summary: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return 1 if counts.get("failed") else 0
+
+
+def add_parser(sub) -> None:
+    """Register ``harness grid``."""
+    g = sub.add_parser("grid", help="run a YAML grid of cells (resumable)")
+    g.add_argument("file", help="grid YAML file")
+    g.add_argument("--db", default=None)
+    g.add_argument("--executor", default="local", choices=["local", "ray"])
+    g.add_argument("--devices", default="cpu", help="comma-separated: cpu or cuda:0,cuda:1 (one worker each)")
+    g.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default: start a local Ray")
+    g.add_argument("--ray-cpus", type=int, default=None, help="CPUs of a locally started Ray instance")
+    g.add_argument("--dry-run", action="store_true", help="list what would run and what is already done")
+    g.add_argument("--force", action="store_true", help="recompute cells already in the store (old rows kept until each finishes)")
+    g.set_defaults(func=cmd_grid)

@@ -1,0 +1,37 @@
+"""``harness show``: one job in full (configuration, identity, metrics, curves, environment) as JSON."""
+
+from __future__ import annotations
+
+import json
+
+from harness.core.registry import HarnessError
+
+
+def cmd_show(args) -> int:
+    from sqlalchemy import select
+
+    from harness.store import Job, Store
+
+    store = Store(args.db, read_only=True)
+    with store.session() as s:
+        matches = list(s.scalars(select(Job).where(Job.id.like(f"{args.job_id}%"))))
+    if not matches:
+        raise HarnessError(f"no job with id starting '{args.job_id}' in {store.url}")
+    if len(matches) > 1:
+        raise HarnessError(f"job id prefix '{args.job_id}' is ambiguous ({len(matches)} jobs)")
+    j = matches[0]
+    out = {
+        "job_id": j.id, "status": j.status, "reason": j.reason, "config": j.config, "identity": j.identity,
+        "metrics": {k: {"value": m.value, "lower": m.lower, "upper": m.upper, "n": m.n} for k, m in store.metrics(j.id).items()},
+        "curves": store.curves(j.id), "timings": j.timings, "nfe": j.nfe, "environment": j.environment,
+    }
+    print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+def add_parser(sub) -> None:
+    """Register ``harness show``."""
+    sh = sub.add_parser("show", help="one job in full (JSON)")
+    sh.add_argument("job_id", help="job id or a unique prefix")
+    sh.add_argument("--db", default=None)
+    sh.set_defaults(func=cmd_show)

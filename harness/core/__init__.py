@@ -1,0 +1,48 @@
+"""The contracts every plugin is written against, and the plumbing they share.
+
+Plugin authors import from here::
+
+    from harness.core import Defense, DefenseConfig, GradientPath, register_defense, randn_like
+    from harness.core import Attack, AttackConfig, AttackResult, register_attack
+    from harness.core import Shift, ShiftConfig, register_shift
+
+- :mod:`harness.core.registry`: name -> plugin registries, ``HarnessError``.
+- :mod:`harness.core.config`: frozen-dataclass configs from plain values.
+- :mod:`harness.core.defense`, :mod:`harness.core.attack`, :mod:`harness.core.shift`:
+  the three plugin contracts.
+- :mod:`harness.core.env`: package versions, source hashes, machine facts.
+- :mod:`harness.core.plugins`: loading built-in and user plugins.
+"""
+
+from harness.core.attack import (
+    ATTACKS,
+    SUITES,
+    Attack,
+    AttackConfig,
+    AttackRandomness,
+    AttackResult,
+    AttackSuite,
+    Budget,
+    register_attack,
+    register_suite,
+)
+from harness.core.defense import (
+    DEFENSES,
+    CostLevel,
+    Defense,
+    DefenseConfig,
+    GradientPath,
+    SetupContext,
+    bpda,
+    randn_like,
+    register_defense,
+)
+from harness.core.registry import HarnessError, Registry
+from harness.core.shift import SHIFTS, Shift, ShiftConfig, ShiftContext, register_shift
+
+__all__ = [
+    "ATTACKS", "DEFENSES", "SHIFTS", "SUITES", "Attack", "AttackConfig", "AttackRandomness", "AttackResult",
+    "AttackSuite", "Budget", "CostLevel", "Defense", "DefenseConfig", "GradientPath", "HarnessError", "Registry",
+    "SetupContext", "Shift", "ShiftConfig", "ShiftContext", "bpda", "randn_like", "register_attack",
+    "register_defense", "register_shift", "register_suite",
+]

@@ -1,0 +1,109 @@
+"""Environment capture: package versions (part of a job's identity) and machine facts."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import platform
+import socket
+import subprocess
+import sys
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+import harness
+
+#: Packages whose versions can change a number; they enter every job's identity hash.
+IDENTITY_PACKAGES = ("torch", "torchvision", "numpy", "pyautoattack", "torchsde", "torchdiffeq", "diffusers")
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=None)
+def _file_digest(path: str, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def source_digest(cls: type, stop: type | None = None) -> dict[str, str]:
+    """sha256 of the source file of ``cls`` and of every base class's file up to ``stop``.
+
+    Part of a plugin's job identity, so that editing a defense, attack or shift (or a
+    shared helper module its class inherits from) never reuses a result stored by the
+    old code. Files are named by their base name, so the digest does not depend on
+    where the checkout lives. Classes without a source file (built in a REPL) give {}.
+    """
+    out: dict[str, str] = {}
+    for klass in cls.__mro__:
+        if stop is not None and klass is stop:
+            break
+        if klass is object:
+            break
+        try:
+            path = inspect.getsourcefile(klass)
+        except TypeError:
+            continue
+        if not path or not os.path.isfile(path):
+            continue
+        out[Path(path).name] = _file_digest(path, os.stat(path).st_mtime_ns)
+    return dict(sorted(out.items()))
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@lru_cache(maxsize=1)
+def package_versions() -> dict[str, str | None]:
+    out = {"harness": harness.__version__}
+    out.update({p: _version(p) for p in IDENTITY_PACKAGES})
+    return out
+
+
+@lru_cache(maxsize=1)
+def git_sha() -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5,
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device | str) -> dict:
+    device = torch.device(device)
+    env = {
+        "packages": {**package_versions(), "sqlalchemy": _version("sqlalchemy"), "robustbench": _version("robustbench")},
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "git_sha": git_sha(),
+    }
+    if device.type == "cuda" and torch.cuda.is_available():
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+    return env

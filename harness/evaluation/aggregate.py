@@ -1,0 +1,89 @@
+"""Job-level numbers from stored per-example rows (so a resumed job equals an uninterrupted one)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from harness.evaluation.resolve import ResolvedJob
+from harness.evaluation.stats import roc_auc, wilson_interval
+from threat_models.scoring import RULES, score_draws
+
+Metric = tuple[float, float | None, float | None, int | None]
+
+
+def accuracy_metrics(job: ResolvedJob, examples: list) -> dict[str, Metric]:
+    """Clean and robust accuracy under every rule, the headline, and the per-attack accuracies.
+
+    Per attack the accuracy is AutoAttack-style: robust after that attack and every one
+    before it (an example the cascade skipped was lost already, so it stays lost).
+    """
+    n = len(examples)
+    headline = job.spec.scoring
+    metrics: dict[str, Metric] = {}
+
+    def frac(name: str, k: int) -> None:
+        lo, hi = wilson_interval(k, n)
+        metrics[name] = (k / n if n else 0.0, lo, hi, n)
+
+    for rule in RULES:
+        frac(f"clean_accuracy_{rule}", sum(getattr(e, f"clean_{rule}") for e in examples))
+        frac(f"robust_accuracy_{rule}", sum(getattr(e, f"robust_{rule}") for e in examples))
+    metrics["clean_accuracy"] = metrics[f"clean_accuracy_{headline}"]
+    metrics["robust_accuracy"] = metrics[f"robust_accuracy_{headline}"]
+    still = [bool(getattr(e, f"clean_{headline}")) for e in examples]
+    for pa in job.plan.attacks:
+        for i, e in enumerate(examples):
+            if still[i] and pa.label in e.adv_preds:
+                still[i] = bool(score_draws(torch.tensor(e.adv_preds[pa.label])[None], torch.tensor([e.label]))[headline][0])
+        frac(f"robust_accuracy_{pa.label}", sum(still))
+    return metrics
+
+
+def example_means(examples: list) -> dict[str, Metric]:
+    """Mean perturbation sizes, image quality and the detector's ROC-AUC."""
+    n = len(examples)
+    metrics: dict[str, Metric] = {}
+    if n:
+        metrics["mean_linf"] = (float(np.mean([e.linf for e in examples])), None, None, n)
+        metrics["mean_l2"] = (float(np.mean([e.l2 for e in examples])), None, None, n)
+    for q in ("psnr_clean", "ssim_clean", "psnr_adv", "ssim_adv"):
+        vals = [v for v in (getattr(e, q, None) for e in examples) if v is not None]
+        if vals:
+            metrics[q] = (float(np.mean(vals)), None, None, len(vals))
+    det = [(e.detect_clean, e.detect_adv) for e in examples if e.detect_clean is not None]
+    if det:
+        metrics["detection_auc"] = (roc_auc([c for c, _ in det], [a for _, a in det]), None, None, len(det))
+    return metrics
+
+
+def merged_curves(batches: list) -> dict[str, list[tuple[float, int]]]:
+    """Robust accuracy after every iteration, summed over the batches that ran the attack."""
+    curves: dict[str, list[tuple[float, int]]] = {}
+    for name in sorted({k for b in batches for k in b.curves}):
+        per = [b.curves[name] for b in batches if name in b.curves]
+        length = max(len(c) for c in per)
+        tot = sum(b.n for b in batches if name in b.curves)
+        curves[name] = [(sum(c[i] if i < len(c) else c[-1] for c in per) / tot, tot) for i in range(length)]
+    return curves
+
+
+def nfe_totals(job: ResolvedJob, batches: list) -> dict[str, Any]:
+    """Purification and classifier counts summed over batches, and purifier network evaluations."""
+    nfe: dict[str, Any] = {}
+    for b in batches:
+        for k, v in b.nfe.items():
+            nfe[k] = nfe.get(k, 0) + v
+    per_call = job.defense.nfe_per_call
+    nfe["nfe_per_purification"] = per_call
+    nfe["purifier_nfe_images"] = per_call * (nfe.get("attack_purifications", 0) + nfe.get("eval_purifications", 0))
+    return nfe
+
+
+def aggregate(job: ResolvedJob, examples: list, batches: list) -> dict:
+    """Metrics, curves and NFE totals from stored rows."""
+    metrics = accuracy_metrics(job, examples)
+    metrics.update(example_means(examples))
+    return {"metrics": metrics, "curves": merged_curves(batches), "nfe": nfe_totals(job, batches)}

@@ -1,0 +1,306 @@
+"""One batch of a job, in named steps: shift, clean scoring, the attack plan, the kept
+adversarial example, quality and detection, and the rows the store keeps.
+
+:func:`run_batch` is what a worker runs per batch; every step is a function below.
+Randomness comes from per-batch generators derived from (seed, batch, stream): the
+attacker's purification noise per path (``attack-noise``), its random starts
+(``attack-start``), library seeds per attack label, the evaluation draws
+(``eval-noise``), the quality purifications (``quality``), the detector (``detect``)
+and the shift (``shift``). The attack streams do not depend on the defense, so under
+preprocessor-blind the adversarial examples are shared by every defense.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from harness.core.attack import AttackRandomness, AttackResult, Budget
+from harness.core.defense import GradientPath
+from harness.core.env import package_versions
+from harness.core.registry import HarnessError
+from harness.core.shift import ShiftContext
+from harness.evaluation import quality as Q
+from harness.evaluation.forward import DefendedForward, derive_seed, make_generator
+from harness.evaluation.plan import PlannedAttack
+from harness.evaluation.resolve import ResolvedJob
+from harness.store.codec import canonical, dumps
+from threat_models.scoring import RULES, predict_draws, score_draws
+
+#: How many clean/adversarial/purified images per job are kept for the dashboard gallery.
+N_SAMPLES = 8
+
+#: Threat-spec fields that do not change the adversarial examples of a classifier-only attack.
+_EVAL_ONLY_FIELDS = ("eval_draws", "scoring", "detect", "eot_samples", "eot_reduce", "name", "version", "max_forward", "cascade")
+
+
+@dataclass
+class BatchState:
+    """Everything the steps of one batch share."""
+
+    job: ResolvedJob
+    b: int
+    x: torch.Tensor  # the (shifted) clean inputs the attacks start from
+    y: torch.Tensor
+    positions: np.ndarray
+    tick: Callable[[int], None]
+    models: dict[GradientPath, DefendedForward] = field(default_factory=dict)
+    eval_model: DefendedForward | None = None
+    start_gen: torch.Generator | None = None
+    shift_info: dict = field(default_factory=dict)
+    clean_preds: torch.Tensor | None = None
+    clean: dict[str, torch.Tensor] = field(default_factory=dict)
+    robust: dict[str, torch.Tensor] = field(default_factory=dict)
+    advs: dict[str, AttackResult] = field(default_factory=dict)
+    preds: dict[str, torch.Tensor] = field(default_factory=dict)
+    scores: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    ran: dict[str, torch.Tensor] = field(default_factory=dict)  # label -> mask of the examples it attacked
+    curves: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    @property
+    def seed(self) -> int:
+        return self.job.cfg.seed
+
+
+# --------------------------------------------------------------------------- identity of shareable work
+def adv_cache_key(job: ResolvedJob, b: int) -> str | None:
+    """Identity of a batch's adversarial examples when they do not depend on the defense.
+
+    When every planned attack is classifier-only (preprocessor-blind), the adversarial
+    examples depend on the classifier, the attacks, the shift, the data, the batch and the
+    seed, not on the defense, so every defense evaluated on the same cell reuses them.
+    Other plans return None.
+    """
+    if not job.plan.classifier_only:
+        return None
+    attack = {k: v for k, v in job.spec.to_dict().items() if k not in _EVAL_ONLY_FIELDS}
+    ident = canonical({
+        "classifier": job.classifier.identity, "dataset": job.subset.identity, "attack": attack,
+        "plan": [p.record() for p in job.plan.attacks], "shift": job.shift.identity(),
+        "seed": job.cfg.seed, "batch": b, "packages": package_versions(),
+    })
+    return hashlib.sha256(dumps(ident).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- steps
+def make_models(st: BatchState) -> None:
+    """The defended forward of every planned path, the evaluation forward and the start generator."""
+    job, dev, seed, b = st.job, st.device, st.seed, st.b
+    clf = job.classifier.module
+    for p in [job.path, *job.also_paths, *(pa.path for pa in job.plan.attacks)]:
+        if p in st.models:
+            continue
+        stream = ("attack-noise",) if p is job.path else ("attack-noise", p.value)
+        st.models[p] = DefendedForward(
+            job.defense, clf, p, make_generator(dev, derive_seed(seed, b, *stream)),
+            eot_samples=job.eot_for(p), eot_reduce=job.spec.eot_reduce, max_forward=job.spec.max_forward,
+        )
+    st.eval_model = DefendedForward(job.defense, clf, None, make_generator(dev, derive_seed(seed, b, "eval-noise")))
+    st.start_gen = make_generator(dev, derive_seed(seed, b, "attack-start"))
+
+
+def apply_shift(st: BatchState) -> None:
+    """Replace the clean inputs by their shifted version (the identity shift returns them)."""
+    job = st.job
+    ctx = ShiftContext(
+        generator=make_generator(st.device, derive_seed(st.seed, st.b, "shift")), positions=st.positions,
+        subset_x=job.subset.x, subset_y=job.subset.y, dataset=job.cfg.dataset,
+    )
+    out = job.shift.apply(st.x, st.y, context=ctx)
+    x, info = out if isinstance(out, tuple) else (out, {})
+    if x.shape != st.x.shape or not torch.isfinite(x).all() or float(x.min()) < 0 or float(x.max()) > 1:
+        raise HarnessError(f"shift '{job.shift.name}' must return finite images of the same shape in [0, 1]")
+    st.x, st.shift_info = x.detach(), dict(info)
+
+
+def score_clean(st: BatchState) -> None:
+    """R defended predictions of every clean input, scored under the three rules."""
+    st.clean_preds = predict_draws(st.eval_model, st.x, st.job.draws, max_batch=st.job.spec.max_forward)
+    st.clean = score_draws(st.clean_preds, st.y)
+    st.robust = {rule: st.clean[rule].clone() for rule in RULES}
+
+
+def _targets(st: BatchState, k: int, cascade: bool) -> torch.Tensor:
+    """Indices the k-th attack runs on: all, or (the cascade) those some rule still counts robust."""
+    if cascade and k > 0:
+        return torch.nonzero(st.robust["single"] | st.robust["majority"] | st.robust["worst"]).flatten()
+    return torch.arange(len(st.y), device=st.device)
+
+
+def _run_one(st: BatchState, pa: PlannedAttack, idx: torch.Tensor, cached: dict | None) -> AttackResult:
+    """One planned attack on the examples ``idx`` (or its cached result)."""
+    job, dev = st.job, st.device
+    if cached is not None and pa.label in cached:
+        c = cached[pa.label]
+        st.tick(pa.attack.ticks())
+        return AttackResult(x_adv=torch.as_tensor(c["x_adv"]).to(dev), margin=torch.as_tensor(c["margin"]).to(dev), curve=list(c["curve"]))
+    if len(idx) == 0:
+        st.tick(pa.attack.ticks())
+        return AttackResult(x_adv=st.x[idx], margin=torch.empty(0, device=dev))
+    rng = AttackRandomness(generator=st.start_gen, seed=derive_seed(st.seed, st.b, pa.label) % (2**31))
+    budget = Budget(norm=job.spec.norm, eps=job.spec.eps)
+    res = pa.attack.run(st.models[pa.path], st.x[idx], st.y[idx], budget, rng, st.tick)
+    res = AttackResult(x_adv=res.x_adv.detach(), margin=res.margin.detach(), curve=list(res.curve))
+    if not torch.isfinite(res.x_adv).all():
+        raise HarnessError(f"attack {pa.label} produced non-finite images (defense '{job.defense.name}' gradients are NaN?)")
+    if res.x_adv.shape != st.x[idx].shape or res.margin.shape != (len(idx),):
+        raise HarnessError(f"attack {pa.label} returned shapes {tuple(res.x_adv.shape)}, {tuple(res.margin.shape)} for a batch of {len(idx)}")
+    return res
+
+
+def _record(st: BatchState, label: str, res: AttackResult, idx: torch.Tensor) -> None:
+    """Scatter an attack's result back to the whole batch and score it with fresh draws."""
+    n, dev, job = len(st.y), st.device, st.job
+    x_full, m_full = st.x.clone(), torch.full((n,), float("-inf"), device=dev)
+    x_full[idx], m_full[idx] = res.x_adv, res.margin.to(m_full.dtype)
+    st.advs[label] = AttackResult(x_adv=x_full, margin=m_full, curve=res.curve)
+    mask = torch.zeros(n, dtype=torch.bool, device=dev)
+    mask[idx] = True
+    st.ran[label] = mask
+    p_full = torch.full((n, job.draws), -1, dtype=torch.long, device=dev)
+    s = {rule: torch.zeros(n, dtype=torch.bool, device=dev) for rule in RULES}  # skipped: lost already
+    if len(idx):
+        p_full[idx] = predict_draws(st.eval_model, res.x_adv, job.draws, max_batch=job.spec.max_forward).to(dev)
+        for rule, v in score_draws(p_full[idx], st.y[idx]).items():
+            s[rule][idx] = v
+    st.preds[label], st.scores[label] = p_full, s
+    for rule in RULES:
+        st.robust[rule] &= s[rule]
+
+
+def run_attacks(st: BatchState, cached: dict | None) -> None:
+    """The plan in order, with AutoAttack's cascade.
+
+    An attack after the first runs only on the examples that some scoring rule still
+    counts as robust: the others are already lost under every rule, so skipping them
+    changes no number. Classifier-only plans (shared by every defense through the
+    adversarial cache) never depend on a defense's scores, so they run on all examples.
+    """
+    cascade = st.job.spec.cascade and not st.job.plan.classifier_only and cached is None
+    for k, pa in enumerate(st.job.plan.attacks):
+        idx = _targets(st, k, cascade)
+        res = _run_one(st, pa, idx, cached)
+        if res.curve:
+            st.curves[pa.label] = res.curve  # robust counts over the attacked examples; the skipped ones are lost already
+        _record(st, pa.label, res, idx)
+
+
+def kept_adversarial(st: BatchState) -> tuple[torch.Tensor, list[str | None]]:
+    """Per example, the first attack that breaks it under the worst-of-R rule, else the
+    attack with the largest margin; returns the kept images and the breaking attack."""
+    names = list(st.advs)
+    chosen = torch.stack([st.advs[n].margin for n in names], 1).argmax(1)
+    worst_attack: list[str | None] = [None] * len(st.y)
+    for i in range(len(st.y)):
+        for j, n in enumerate(names):
+            if bool(st.ran[n][i]) and not bool(st.scores[n]["worst"][i]):
+                worst_attack[i], chosen[i] = n, j
+                break
+    x_adv = torch.stack([st.advs[names[int(chosen[i])]].x_adv[i] for i in range(len(st.y))])
+    return x_adv, worst_attack
+
+
+def quality_and_detection(st: BatchState, x_adv: torch.Tensor) -> tuple[dict, torch.Tensor, tuple]:
+    """PSNR/SSIM of one purification of the clean and of the kept adversarial input against
+    the clean image (for every defense, so they can be compared on it), and the detector."""
+    job, dev = st.job, st.device
+    det = (None, None)
+    with torch.no_grad():
+        if job.spec.detect and job.defense.has_detection_score:
+            g = make_generator(dev, derive_seed(st.seed, st.b, "detect"))
+            det = (job.defense.detection_score(st.x, generator=g).float().cpu(), job.defense.detection_score(x_adv, generator=g).float().cpu())
+        gq = make_generator(dev, derive_seed(st.seed, st.b, "quality"))
+        pur_clean = job.defense.purify_along(st.x, None, generator=gq).float()
+        pur_adv = job.defense.purify_along(x_adv, None, generator=gq).float()
+    quality = {
+        "psnr_clean": Q.psnr(pur_clean, st.x).cpu(), "ssim_clean": Q.ssim(pur_clean, st.x).cpu(),
+        "psnr_adv": Q.psnr(pur_adv, st.x).cpu(), "ssim_adv": Q.ssim(pur_adv, st.x).cpu(),
+    }
+    return quality, pur_adv, det
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    return (x.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+def example_rows(st: BatchState, x_adv: torch.Tensor, worst_attack: list, quality: dict, det: tuple) -> list[dict]:
+    """One dict per example, in the store's ``examples`` columns."""
+    delta = (x_adv - st.x).flatten(1)
+    linf, l2 = delta.abs().max(1).values, delta.norm(dim=1)
+    names = list(st.advs)
+    rows = []
+    for i in range(len(st.y)):
+        rows.append(dict(
+            position=int(st.positions[i]), dataset_index=int(st.job.subset.indices[st.positions[i]]), label=int(st.y[i]),
+            clean_preds=st.clean_preds[i].tolist(),
+            adv_preds={n: st.preds[n][i].tolist() for n in names if bool(st.ran[n][i])},  # absent: skipped by the cascade
+            worst_attack=worst_attack[i], linf=float(linf[i]), l2=float(l2[i]),
+            **{f"clean_{r}": bool(st.clean[r][i]) for r in RULES},
+            **{f"robust_{r}": bool(st.robust[r][i]) for r in RULES},
+            detect_clean=None if det[0] is None else float(det[0][i]),
+            detect_adv=None if det[1] is None else float(det[1][i]),
+            **{k: float(v[i]) for k, v in quality.items()},
+        ))
+    return rows
+
+
+def sample_rows(st: BatchState, x_orig: torch.Tensor, x_adv: torch.Tensor, pur_adv: torch.Tensor) -> list[dict]:
+    """Images of the first :data:`N_SAMPLES` examples of the job, for the gallery."""
+    out = []
+    for i in range(len(st.y)):
+        if st.positions[i] < N_SAMPLES:
+            images = {"clean": _to_uint8(st.x[i]), "adversarial": _to_uint8(x_adv[i]), "purified": _to_uint8(pur_adv[i])}
+            if st.job.shift.name != "none":
+                images["original"] = _to_uint8(x_orig[i])
+            out.append({"position": int(st.positions[i]), "images": images})
+    return out
+
+
+def run_batch(
+    job: ResolvedJob,
+    b: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    positions: np.ndarray,
+    tick: Callable[[int], None],
+    cached_adv: dict | None = None,
+) -> dict:
+    """Attack and score one batch; return the rows the store keeps for it.
+
+    ``cached_adv`` (label -> {"x_adv", "margin", "curve"}) replaces the attacks with
+    adversarial examples computed earlier for another defense (see :func:`adv_cache_key`).
+    The returned dict carries ``adv_cache`` (key, entry) when it computed a shareable one.
+    """
+    t0 = time.perf_counter()
+    st = BatchState(job=job, b=b, x=x, y=y, positions=positions, tick=tick)
+    make_models(st)
+    x_orig = st.x
+    apply_shift(st)
+    score_clean(st)
+    run_attacks(st, cached_adv)
+    x_adv, worst_attack = kept_adversarial(st)
+    quality, pur_adv, det = quality_and_detection(st, x_adv)
+    key = adv_cache_key(job, b)
+    adv_entry = None
+    if key is not None and cached_adv is None:
+        adv_entry = (key, {n: {"x_adv": r.x_adv.cpu().numpy(), "margin": r.margin.cpu().numpy(), "curve": list(r.curve)} for n, r in st.advs.items()})
+    nfe = {
+        "attack_purifications": sum(m.purified for m in st.models.values()),
+        "eval_purifications": st.eval_model.purified,
+        "classifier_images": sum(m.classified for m in st.models.values()) + st.eval_model.classified,
+        "adv_reused": int(cached_adv is not None),
+    }
+    extra = {"shift": st.shift_info} if st.shift_info else {}
+    return dict(
+        examples=example_rows(st, x_adv, worst_attack, quality, det), curves=st.curves, nfe=nfe,
+        seconds=time.perf_counter() - t0, samples=sample_rows(st, x_orig, x_adv, pur_adv), adv_cache=adv_entry, extra=extra,
+    )

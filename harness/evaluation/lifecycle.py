@@ -1,0 +1,216 @@
+"""One job lifecycle, shared by ``harness run`` and ``harness grid``: begin, write batches, finish or fail.
+
+:class:`JobWriter` owns a job's rows in the store. A job already finished is reused
+unless forced. A forced rerun of a finished job keeps every new batch in memory and
+swaps the old rows for the new ones in one transaction only when the new run has
+finished, so a rerun killed half-way loses nothing. Any other job is written batch by
+batch as each finishes, so an interrupted job resumes where it stopped; aggregate
+metrics are always computed from the per-example rows, so a resumed job and an
+uninterrupted one agree.
+
+:func:`iter_batches` is the part that runs on a worker (a local process, a Ray task):
+it yields ``(batch index, payload)`` for whoever owns the store.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from harness.core.defense import GradientPath
+from harness.core.env import environment
+from harness.core.registry import HarnessError
+from harness.evaluation.aggregate import aggregate
+from harness.evaluation.batch import adv_cache_key, run_batch
+from harness.evaluation.resolve import ResolvedJob, RunConfig, resolve
+from harness.store import Store
+
+
+@dataclass
+class JobOutcome:
+    """A finished (or reused) job as the CLI and the Python API report it."""
+
+    job_id: str
+    status: str
+    reused: bool
+    summary: dict
+    metrics: dict[str, dict[str, Any]]
+    curves: dict[str, list[float]]
+    timings: dict
+    stored_path: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """The ``harness run --json`` object."""
+        m = self.metrics
+        out = {
+            "job_id": self.job_id,
+            "status": self.status,
+            "reused": self.reused,
+            **{k: self.summary[k] for k in ("defense", "threat", "dataset", "classifier", "n_examples")},
+            "clean_accuracy": m.get("clean_accuracy", {}).get("value"),
+            "robust_accuracy": m.get("robust_accuracy", {}).get("value"),
+            "robust_accuracy_ci95": [m["robust_accuracy"]["lower"], m["robust_accuracy"]["upper"]] if "robust_accuracy" in m else None,
+            "gradient_path": self.stored_path or self.summary["stored_gradient_path"],
+            "also_paths": self.summary["also_paths"],
+            "attacks": self.summary["attacks"],
+            "eot_samples": self.summary["eot_samples"],
+            "eval_draws": self.summary["eval_draws"],
+            "scoring": self.summary["threat_spec"]["scoring"],
+            "metrics": {k: v["value"] for k, v in m.items()},
+            "timings": self.timings,
+        }
+        if "detection_auc" in m:
+            out["detection_auc"] = m["detection_auc"]["value"]
+        return out
+
+
+def job_fields(job: ResolvedJob) -> dict[str, Any]:
+    """The ``jobs`` row columns of a resolved job."""
+    return dict(
+        defense=job.defense.name, threat=job.spec.name, dataset=job.cfg.dataset, classifier=job.classifier.name,
+        seed=job.cfg.seed, n_examples=int(len(job.subset.y)), norm=job.spec.norm, eps=job.spec.eps,
+        gradient_path=job.plan.paths_label(), eot_samples=job.eot, eval_draws=job.draws, stochastic=job.defense.stochastic,
+        adaptive=job.path not in (GradientPath.CLASSIFIER, GradientPath.BPDA),
+        identity=job.identity, config=job.summary(),
+    )
+
+
+def outcome(store: Store, job: ResolvedJob, reused: bool) -> JobOutcome:
+    """Read a stored job back as a :class:`JobOutcome`."""
+    row = store.get_job(job.job_id)
+    metrics = {k: {"value": m.value, "lower": m.lower, "upper": m.upper, "n": m.n} for k, m in store.metrics(job.job_id).items()}
+    return JobOutcome(job.job_id, row.status, reused, job.summary(), metrics, store.curves(job.job_id), row.timings or {}, row.gradient_path)
+
+
+class _Row:
+    """Attribute view of an in-memory row, so :func:`aggregate` reads payloads like stored rows."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+class JobWriter:
+    """The begin / write-batch / finish / fail sequence of one job (see the module docstring)."""
+
+    def __init__(self, store: Store, job: ResolvedJob, *, force: bool = False):
+        self.store, self.job = store, job
+        existing = store.get_job(job.job_id)
+        done = existing is not None and existing.status == "done"
+        self.reusable = done and not force
+        self.in_memory = done and force
+        self.buffer: list[dict] = []
+        self.resumed = 0
+        self.t_start = time.perf_counter()
+
+    def begin(self) -> set[int]:
+        """Mark the job running (unless it is a forced rerun of a finished one); return the
+        batches already stored (to skip)."""
+        self.t_start = time.perf_counter()
+        if self.in_memory:
+            return set()
+        self.store.begin_job(self.job.job_id, **job_fields(self.job))
+        done = self.store.done_batches(self.job.job_id)
+        self.resumed = len(done)
+        return done
+
+    def write(self, b: int, payload: dict) -> None:
+        """Keep one finished batch (in the store, or in memory for a forced rerun)."""
+        if self.in_memory:
+            self.buffer.append({"batch": b, **payload})
+        else:
+            self.store.write_batch(self.job.job_id, b, **payload)
+
+    def finish(self) -> None:
+        """Aggregate the rows and mark the job done (swapping in a forced rerun's rows)."""
+        job, store = self.job, self.store
+        n = len(job.subset.y)
+        if self.in_memory:
+            examples = [_Row(**e) for bt in self.buffer for e in bt["examples"]]
+            batches = [_Row(n=len(bt["examples"]), curves=bt["curves"], nfe=bt["nfe"], seconds=bt["seconds"]) for bt in self.buffer]
+        else:
+            examples, batches = store.example_rows(job.job_id), store.batch_rows(job.job_id)
+        if len(examples) != n or len({e.position for e in examples}) != n:
+            raise HarnessError(f"job {job.job_id[:12]}: {len(examples)} stored examples, expected {n}")
+        agg = aggregate(job, examples, batches)
+        batch_seconds = sum(b.seconds for b in batches)
+        timings = {
+            "total_s": batch_seconds, "this_run_s": time.perf_counter() - self.t_start,
+            "per_example_s": batch_seconds / max(n, 1), "resumed_batches": self.resumed,
+        }
+        payload = dict(
+            metrics=agg["metrics"], curves=agg["curves"], timings=timings, nfe=agg["nfe"],
+            environment=environment(job.device), fields=job_fields(job),
+        )
+        if self.in_memory:
+            store.replace_job(job.job_id, self.buffer, **payload)
+        else:
+            store.finish_job(job.job_id, **payload)
+
+    def fail(self, reason: str) -> None:
+        """Record a failure (a forced rerun leaves the finished rows untouched)."""
+        if not self.in_memory:
+            self.store.fail_job(self.job.job_id, reason)
+
+
+def n_batches(job: ResolvedJob) -> int:
+    """Number of attack batches of a job."""
+    return (len(job.subset.y) + job.spec.batch_size - 1) // job.spec.batch_size
+
+
+def iter_batches(
+    job: ResolvedJob,
+    skip: set[int] | frozenset[int] = frozenset(),
+    *,
+    adv_lookup: Callable[[str], dict | None] | None = None,
+    progress: bool = False,
+) -> Iterator[tuple[int, dict]]:
+    """Run the batches of ``job`` not in ``skip``, yielding ``(batch index, payload)``.
+
+    ``adv_lookup(key)`` returns previously computed adversarial examples for reuse.
+    """
+    from tqdm.auto import tqdm
+
+    bs, n = job.spec.batch_size, len(job.subset.y)
+    todo = [b for b in range(n_batches(job)) if b not in skip]
+    bar = tqdm(
+        total=len(todo) * job.plan.total_ticks(), disable=not progress, desc=f"{job.defense.name}/{job.spec.name}",
+        unit="it", leave=False,
+    )
+    try:
+        for b in todo:
+            lo, hi = b * bs, min(n, (b + 1) * bs)
+            x = job.subset.x[lo:hi].to(job.device)
+            y = job.subset.y[lo:hi].to(job.device)
+            key = adv_cache_key(job, b)
+            cached = adv_lookup(key) if (key is not None and adv_lookup is not None) else None
+            yield b, run_batch(job, b, x, y, np.arange(lo, hi), bar.update, cached_adv=cached)
+    finally:
+        bar.close()
+
+
+def run_job(job: ResolvedJob, store: Store, *, force: bool = False, progress: bool = True) -> JobOutcome:
+    """Evaluate ``job`` in this process (resuming a partial run) and store it."""
+    writer = JobWriter(store, job, force=force)
+    if writer.reusable:
+        return outcome(store, job, reused=True)
+    done = writer.begin()
+    try:
+        for b, payload in iter_batches(job, done, adv_lookup=store.get_adv, progress=progress):
+            writer.write(b, payload)
+        writer.finish()
+    except HarnessError as exc:
+        writer.fail(str(exc))
+        raise
+    except Exception as exc:
+        writer.fail(f"{type(exc).__name__}: {exc}")
+        raise
+    return outcome(store, job, reused=False)
+
+
+def evaluate(cfg: RunConfig, store: Store | None = None, *, force: bool = False, progress: bool = False) -> JobOutcome:
+    """Python API: resolve and run one job (an in-memory store if none is given)."""
+    store = store or Store("sqlite://")
+    return run_job(resolve(cfg), store, force=force, progress=progress)

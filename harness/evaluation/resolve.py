@@ -1,0 +1,301 @@
+"""Resolution: a :class:`RunConfig` (what the user typed) -> a :class:`ResolvedJob` (what will run).
+
+:func:`resolve` loads the evaluation subset and the classifier, resolves the threat spec
+for the dataset with the ``--set`` overrides, builds the attack plan and the shift,
+builds and sets up the defense, and computes the job identity: a sha256 over
+everything that can change the number (the defense's name, version, config and source
+hash; the resolved spec; every planned attack's identity; the shift; the effective
+paths, EOT samples and draws; the data subset and file hash; the classifier weights'
+sha256; the seed; package versions). Floats are canonicalised first, so ``eps=1/5``
+and ``eps=0.2`` are the same job. Bad input raises a one-line ``HarnessError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from harness.core.attack import ATTACKS
+from harness.core.config import config_fields
+from harness.core.defense import DEFENSES, Defense, GradientPath, SetupContext
+from harness.core.env import package_versions
+from harness.core.registry import HarnessError, suggest
+from harness.core.shift import SHIFTS, Shift
+from harness.evaluation.plan import AttackPlan, IncompatibleError, build_plan
+from harness.store.codec import canonical, dumps
+from threat_models.specs import THREATS, ThreatSpec, spec_fields
+
+__all__ = ["IncompatibleError", "ResolvedJob", "RunConfig", "parse_set", "resolve", "split_overrides"]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a user chooses for one job (the CLI's ``harness run`` flags)."""
+
+    defense: str = "none"
+    threat: str = "preprocessor-blind"
+    dataset: str = "digits"
+    classifier: str | None = None
+    weights: str | None = None
+    model_dir: str | None = None
+    data_dir: str | None = None
+    weights_dir: str | None = None
+    n_examples: int | None = None
+    seed: int = 0
+    data_seed: int = 0
+    device: str = "cpu"
+    overrides: tuple[tuple[str, str], ...] = ()
+    plugins: tuple[str, ...] = ()
+
+
+@dataclass
+class ResolvedJob:
+    """A job ready to run: loaded data and models, the spec, the plan and the identity."""
+
+    cfg: RunConfig
+    subset: Any  # harness.data.EvalSubset
+    dataset_info: Any  # harness.data.DatasetInfo
+    classifier: Any  # harness.classifiers.LoadedClassifier
+    defense: Defense
+    spec: ThreatSpec
+    plan: AttackPlan
+    shift: Shift
+    draws: int
+    identity: dict
+    job_id: str
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def path(self) -> GradientPath:
+        """The main gradient path."""
+        return self.plan.main_path
+
+    @property
+    def also_paths(self) -> tuple[GradientPath, ...]:
+        """The further paths every attack also ran through."""
+        return self.plan.also_paths
+
+    def eot_for(self, path: GradientPath | None) -> int:
+        """EOT samples per gradient on ``path`` (1 where the attacked model is deterministic)."""
+        stochastic = self.defense.stochastic and path is not GradientPath.CLASSIFIER
+        return self.spec.eot_samples if stochastic else 1
+
+    @property
+    def eot(self) -> int:
+        """EOT samples per gradient on the main path."""
+        return self.eot_for(self.path)
+
+    def summary(self) -> dict[str, Any]:
+        """What a run prints and stores as the job's configuration."""
+        return {
+            "defense": self.defense.name,
+            "defense_config": self.identity["defense"]["config"],
+            "threat": self.spec.name,
+            "threat_spec": self.spec.to_dict(),
+            "dataset": self.cfg.dataset,
+            "classifier": self.classifier.name,
+            "n_examples": int(len(self.subset.y)),
+            "gradient_path": self.path.value,
+            "also_paths": [p.value for p in self.also_paths],
+            "stored_gradient_path": self.plan.paths_label(),
+            "attacks": [p.label for p in self.plan.attacks],
+            "plan": [p.record() for p in self.plan.attacks],
+            "shift": self.shift.identity(),
+            "cost_level": self.plan.cost_level().value,
+            "eot_samples": self.eot,
+            "eval_draws": self.draws,
+            "stochastic": self.defense.stochastic,
+            "notes": self.notes,
+        }
+
+
+# --------------------------------------------------------------------------- overrides
+def parse_set(items: list[str] | None) -> tuple[tuple[str, str], ...]:
+    """``["k=v", ...]`` -> ``(("k", "v"), ...)``; a missing ``=`` is a one-line error."""
+    out = []
+    for item in items or []:
+        if "=" not in item:
+            raise HarnessError(f"--set expects key=value, got '{item}'")
+        k, v = item.split("=", 1)
+        out.append((k.strip(), v.strip()))
+    return tuple(out)
+
+
+@dataclass
+class Overrides:
+    """``--set`` pairs routed to their owners."""
+
+    threat: dict[str, Any] = field(default_factory=dict)
+    defense: dict[str, str] = field(default_factory=dict)
+    attack_options: list[str] = field(default_factory=list)
+    shift_options: list[str] = field(default_factory=list)
+
+    def threat_values(self) -> dict[str, Any]:
+        """Threat-spec overrides, with the routed option lists."""
+        out = dict(self.threat)
+        if self.attack_options:
+            out["attack_options"] = tuple(self.attack_options)
+        if self.shift_options:
+            out["shift_options"] = tuple(self.shift_options)
+        return out
+
+
+def split_overrides(
+    overrides: tuple[tuple[str, str], ...], defense_cls: type[Defense], default_shift: str = "none"
+) -> Overrides:
+    """Route ``--set key=value`` pairs to the threat spec, the defense, an attack or the shift.
+
+    ``threat.key``, ``defense.key``, ``shift.key`` and ``ATTACK.key`` are explicit; a bare
+    key goes wherever it exists among the spec, the defense config and the shift's
+    config (an ambiguous bare key is an error, an unknown one suggests the closest).
+    """
+    threat_keys = set(spec_fields())
+    defense_keys = set(config_fields(defense_cls.Config))
+    out = Overrides()
+    bare: list[tuple[str, str]] = []
+    for key, value in overrides:
+        owner, _, rest = key.partition(".")
+        if rest and owner == "threat":
+            out.threat[rest] = value
+        elif rest and owner == "defense":
+            out.defense[rest] = value
+        elif rest and owner == "shift":
+            out.shift_options.append(f"{rest}={value}")
+        elif rest and owner in ATTACKS:
+            out.attack_options.append(f"{key}={value}")
+        elif rest:
+            raise HarnessError(f"--set {key}: '{owner}' is not threat, defense, shift or a registered attack{suggest(owner, ATTACKS.names())}")
+        else:
+            bare.append((key, value))
+    shift_name = out.threat.get("shift", dict(bare).get("shift", default_shift))
+    shift_keys = set(config_fields(SHIFTS.get(shift_name).Config)) if shift_name in SHIFTS else set()
+    for key, value in bare:
+        owners = [name for name, keys in (("threat", threat_keys), ("defense", defense_keys), ("shift", shift_keys)) if key in keys]
+        if len(owners) > 1:
+            raise HarnessError(f"--set {key} is an option of {' and '.join(owners)}; write " + " or ".join(f"{o}.{key}" for o in owners))
+        if owners == ["threat"]:
+            out.threat[key] = value
+        elif owners == ["defense"]:
+            out.defense[key] = value
+        elif owners == ["shift"]:
+            out.shift_options.append(f"{key}={value}")
+        else:
+            known = sorted(threat_keys | defense_keys | shift_keys)
+            raise HarnessError(
+                f"--set {key}: unknown option{suggest(key, known)} (threat: {', '.join(sorted(threat_keys))}; "
+                f"defense '{defense_cls.name}': {', '.join(sorted(defense_keys)) or 'none'}; attack options: ATTACK.KEY)"
+            )
+    return out
+
+
+# --------------------------------------------------------------------------- resolution
+def _device(name: str) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise HarnessError(f"unknown device '{name}' (use cpu, cuda or cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise HarnessError(f"device '{name}' is not supported (use cpu, cuda or cuda:N)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise HarnessError(f"device '{name}' requested but CUDA is not available on this machine")
+    return dev
+
+
+def _default_n(defense_cls: type[Defense], plan: AttackPlan, info: Any) -> tuple[int | None, str | None]:
+    """A costly cell's subset size from the defense's ``default_examples`` (by cost level)."""
+    order = ["classifier", "purifier-forward", "purifier-gradient"]
+    level = plan.cost_level().value
+    caps = [n for lvl, n in defense_cls.default_examples.items() if lvl in order and order.index(lvl) <= order.index(level)]
+    if not caps or min(caps) >= info.default_n:
+        return None, None
+    n = min(caps)
+    return n, (
+        f"n_examples {n}: '{defense_cls.name}' subsamples cells whose attack costs '{level}' by default "
+        f"(the dataset default is {info.default_n}; --n-examples to change)"
+    )
+
+
+def _effective_notes(defense: Defense, spec: ThreatSpec, job_eot: int, draws: int) -> list[str]:
+    notes = []
+    if job_eot != spec.eot_samples:
+        notes.append(f"eot_samples {spec.eot_samples} -> 1: the attacked model is deterministic")
+    if draws != spec.eval_draws:
+        notes.append(f"eval_draws {spec.eval_draws} -> 1: defense '{defense.name}' is deterministic")
+    if spec.detect and not defense.has_detection_score:
+        notes.append(f"detect=true ignored: defense '{defense.name}' declares no detection score")
+    return notes
+
+
+def _setup_defense(defense: Defense, cfg: RunConfig, info: Any, clf: Any, device: torch.device) -> None:
+    ctx = SetupContext(
+        classifier=clf.module, dataset=cfg.dataset, image_shape=tuple(info.image_shape), num_classes=info.num_classes,
+        device=device, weights_dir=Path(cfg.weights_dir) if cfg.weights_dir else None,
+    )
+    defense.setup(ctx)
+    defense.to(device).eval()
+    for p in defense.parameters():
+        p.requires_grad_(False)
+
+
+def resolve(cfg: RunConfig) -> ResolvedJob:
+    """Load and validate everything a job needs; raise HarnessError on bad input."""
+    from harness import classifiers as C
+    from harness import data as D
+    from harness.core.plugins import load_builtin, load_plugin
+
+    load_builtin()
+    for p in cfg.plugins:
+        load_plugin(p)
+    defense_cls = DEFENSES.get(cfg.defense)
+    threat_model = THREATS.get(cfg.threat)
+    info = D.DATASETS.get(cfg.dataset)
+    device = _device(cfg.device)
+
+    routed = split_overrides(cfg.overrides, defense_cls, threat_model.base.get("shift", "none"))
+    spec = threat_model.resolve(info.family, routed.threat_values())
+    spec.check_eps_for(int(np.prod(info.image_shape)))
+    plan = build_plan(defense_cls, spec)
+    shift = SHIFTS.get(spec.shift).from_options(spec.options_for_shift())
+    reason = shift.check(tuple(info.image_shape))
+    if reason:
+        raise IncompatibleError(f"shift '{shift.name}' cannot run on dataset '{cfg.dataset}': {reason}")
+    defense = defense_cls.from_dict(routed.defense)
+
+    n_examples, n_note = cfg.n_examples, None
+    if n_examples is None:
+        n_examples, n_note = _default_n(defense_cls, plan, info)
+    subset = D.eval_subset(cfg.dataset, n_examples, cfg.data_seed, cfg.data_dir)
+    clf_name = cfg.classifier or C.default_classifier(cfg.dataset)
+    clf = C.load_classifier(clf_name, dataset=cfg.dataset, weights=cfg.weights, model_dir=cfg.model_dir, device=device)
+    _setup_defense(defense, cfg, info, clf, device)
+
+    draws = spec.eval_draws if defense.stochastic else 1
+    job_eot = spec.eot_samples if (defense.stochastic and plan.main_path is not GradientPath.CLASSIFIER) else 1
+    notes = ([n_note] if n_note else []) + list(defense.setup_notes) + _effective_notes(defense, spec, job_eot, draws)
+    notes += list(plan.notes)
+    identity = {
+        "defense": defense.identity(),
+        "threat": spec.to_dict(),
+        "plan": [p.record() for p in plan.attacks],
+        "shift": shift.identity(),
+        "effective": {
+            "gradient_path": plan.main_path.value, "also_paths": [p.value for p in plan.also_paths],
+            "eot_samples": job_eot, "eval_draws": draws,
+        },
+        "dataset": subset.identity,
+        "classifier": clf.identity,
+        "seed": cfg.seed,
+        "packages": package_versions(),
+    }
+    identity = canonical(identity)
+    job_id = hashlib.sha256(dumps(identity).encode()).hexdigest()
+    return ResolvedJob(
+        cfg=cfg, subset=subset, dataset_info=info, classifier=clf, defense=defense, spec=spec, plan=plan, shift=shift,
+        draws=draws, identity=identity, job_id=job_id, device=device, notes=notes,
+    )

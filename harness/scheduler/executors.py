@@ -1,0 +1,176 @@
+"""Executors: where a grid's jobs run. Only the parent process writes to the store.
+
+:class:`LocalExecutor` runs one worker process per device; :class:`RayExecutor` makes
+every job a Ray task that streams each finished batch back to the driver. Workers
+resolve the job again on their device, check that its identity is the parent's, and
+send ``("batch", job_id, b, payload)``, ``("done", ...)`` or ``("error", ...)`` events.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import signal
+import traceback
+from pathlib import Path
+from typing import Any, Iterator
+
+from harness.core.registry import HarnessError
+from harness.evaluation import RunConfig, iter_batches, resolve
+from harness.store import Store
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One job for a worker: its id (to check on the worker), how to resolve it, batches to skip."""
+
+    job_id: str
+    cfg: RunConfig
+    skip: tuple[int, ...] = ()
+
+def _die_with_parent() -> None:
+    """Linux: make a worker die when the grid process dies (even by SIGKILL)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _worker_main(device: str, tasks, results, threads: int | None, store_url: str) -> None:
+    _die_with_parent()
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    reader = Store(store_url, read_only=True)  # workers only read (the adversarial-example cache)
+    while True:
+        item = tasks.get()
+        if item is None:
+            return
+        job_id, cfg, skip = item
+        try:
+            job = resolve(dataclasses.replace(cfg, device=device))
+            if job.job_id != job_id:
+                raise HarnessError(f"job identity differs on worker {device} ({job.job_id[:12]} != {job_id[:12]}): package versions?")
+            for b, payload in iter_batches(job, set(skip), adv_lookup=reader.get_adv):
+                results.put(("batch", job_id, b, payload))
+            results.put(("done", job_id, None, None))
+        except BaseException as exc:  # report, then keep serving other jobs
+            msg = str(exc) if isinstance(exc, HarnessError) else f"{type(exc).__name__}: {exc}"
+            results.put(("error", job_id, None, msg + ("" if isinstance(exc, HarnessError) else "\n" + traceback.format_exc(limit=3))))
+
+
+class LocalExecutor:
+    """One worker process per device in ``devices``; the parent writes every row."""
+
+    def __init__(self, devices: list[str], threads: int | None = None):
+        self.devices = devices
+        self.threads = threads
+
+    def run(self, tasks_in: list[Task], store_url: str, on_event) -> None:
+        """Run every task; ``on_event(kind, job_id, batch, payload)`` gets each result in the parent."""
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")  # CUDA-safe, and no inherited sqlite connections
+        tasks, results = ctx.Queue(), ctx.Queue()
+        threads = self.threads or max(1, (os.cpu_count() or 1) // max(1, len(self.devices)))
+        procs = [ctx.Process(target=_worker_main, args=(d, tasks, results, threads, store_url), daemon=True) for d in self.devices]
+        for p in procs:
+            p.start()
+        pending = 0
+        for t in tasks_in:
+            tasks.put((t.job_id, t.cfg, list(t.skip)))
+            pending += 1
+        for _ in procs:
+            tasks.put(None)
+        try:
+            while pending:
+                try:
+                    kind, job_id, b, payload = results.get(timeout=5)
+                except queue.Empty:
+                    if not any(p.is_alive() for p in procs):
+                        raise HarnessError("all grid workers died") from None
+                    continue
+                on_event(kind, job_id, b, payload)
+                if kind in ("done", "error"):
+                    pending -= 1
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+                p.join(timeout=5)
+
+
+class RayExecutor:
+    """Every job is a Ray task that requests its device; batches stream back to the driver.
+
+    Uses Ray's streaming generators, so each batch reaches the driver (which alone
+    writes to the store) as soon as the task yields it.
+    """
+
+    def __init__(self, address: str | None, gpus_per_job: float, num_cpus: int | None = None):
+        self.address, self.gpus_per_job, self.num_cpus = address, gpus_per_job, num_cpus
+
+    def run(self, tasks_in: list[Task], store_url: str, on_event) -> None:
+        """Run every task as a Ray task; ``on_event`` gets each streamed batch on the driver."""
+        try:
+            import ray
+        except ImportError:
+            raise HarnessError("--executor ray needs Ray: pip install 'ray==2.60.0'") from None
+        started = False
+        if not ray.is_initialized():
+            kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "ignore_reinit_error": True}
+            if self.address:
+                kw["address"] = self.address
+            elif self.num_cpus:
+                kw["num_cpus"] = self.num_cpus
+            # workers import the harness from the same source tree as the driver
+            root = str(Path(__file__).resolve().parents[2])
+            kw["runtime_env"] = {"env_vars": {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}}
+            ray.init(**kw)
+            started = True
+        try:
+            task = ray.remote(num_returns="streaming")(_ray_job)
+            gens = {}
+            for t in tasks_in:
+                opts = {"num_gpus": self.gpus_per_job, "num_cpus": 1}
+                ref = task.options(**opts).remote(t.job_id, t.cfg, list(t.skip), store_url, self.gpus_per_job > 0)
+                gens[ref] = t.job_id
+            while gens:
+                ready, _ = ray.wait(list(gens), num_returns=1, timeout=10)
+                for gen in ready:
+                    job_id = gens[gen]
+                    try:
+                        ref = next(gen)
+                    except StopIteration:
+                        del gens[gen]
+                        on_event("done", job_id, None, None)
+                        continue
+                    try:
+                        b, payload = ray.get(ref)
+                    except Exception as exc:  # the task raised
+                        del gens[gen]
+                        cause = getattr(exc, "cause", None) or exc
+                        on_event("error", job_id, None, str(cause).splitlines()[0] if str(cause) else type(cause).__name__)
+                        continue
+                    on_event("batch", job_id, b, payload)
+        finally:
+            if started:
+                ray.shutdown()
+
+
+def _ray_job(job_id: str, cfg: RunConfig, skip: list[int], store_url: str, gpu: bool) -> Iterator[tuple[int, dict]]:
+    device = "cuda" if gpu else "cpu"
+    job = resolve(dataclasses.replace(cfg, device=device))
+    if job.job_id != job_id:
+        raise HarnessError(f"job identity differs on the Ray worker ({job.job_id[:12]} != {job_id[:12]}): package versions?")
+    # the adversarial-example cache is read where the SQLite file is visible (same machine
+    # or a shared filesystem); elsewhere the worker computes them itself
+    path = store_url.split("sqlite:///", 1)[1] if store_url.startswith("sqlite:///") else None
+    reader = Store(store_url, read_only=True) if path and Path(path).is_file() else None
+    for b, payload in iter_batches(job, set(skip), adv_lookup=reader.get_adv if reader else None):
+        yield b, payload

@@ -1,0 +1,212 @@
+"""Grid files: a YAML file naming the axes of a grid, parsed and validated with line numbers.
+
+A grid file::
+
+    name: smoke
+    n_examples: 32                 # default for every cell (a dataset entry may override)
+    seeds: [0]                     # attack/purification seeds (one cell each)
+    data_seed: 0
+    set: {batch_size: 32}          # overrides applied to every cell (threat or defense keys)
+    plugins: [path/to/my_defense.py]
+    defenses:
+      - none
+      - name: diffpure
+        set: {t_star: 0.1}         # per-axis overrides
+    threats:
+      - preprocessor-blind
+      - name: adaptive
+        set: {steps: 20}
+    datasets:
+      - digits
+      - name: cifar10
+        data_dir: /data/cifar10.npz
+        n_examples: 64
+    classifiers:                   # optional: default is each dataset's shipped classifier
+      - name: resnet20
+        weights: /models/resnet20-12fca82f.th
+        datasets: [cifar10]
+
+The cells are the product defenses x threats x datasets x classifiers x seeds. A cell
+that cannot run (an incompatible pair, missing weights) is stored as ``skipped`` with the
+reason. Only the parent process writes to the store: workers (one process per device,
+or Ray tasks) stream each finished batch back, and the parent writes it at once, so a
+killed grid loses at most the batches in flight and a rerun continues mid-job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.core.registry import HarnessError, suggest
+
+TOP_KEYS = {"name", "n_examples", "seeds", "seed", "data_seed", "data_seeds", "set", "plugins", "defenses", "threats", "datasets", "classifiers", "device"}
+AXIS_KEYS = {
+    "defenses": {"name", "set"},
+    "threats": {"name", "set"},
+    "datasets": {"name", "set", "data_dir", "n_examples"},
+    "classifiers": {"name", "weights", "model_dir", "datasets", "set"},
+}
+
+
+class GridError(HarnessError):
+    pass
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that remembers the line of every mapping key (for error messages)."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    mapping = {}
+    lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, (str, int, float, bool)) or key is None:
+            raise GridError(f"line {key_node.start_mark.line + 1}: mapping keys must be names")
+        mapping[key] = loader.construct_object(value_node, deep=True)
+        lines[key] = key_node.start_mark.line + 1
+    out = _Map(mapping)
+    out.lines = lines
+    out.line = node.start_mark.line + 1
+    return out
+
+
+class _Map(dict):
+    lines: dict
+    line: int
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+@dataclass(frozen=True)
+class AxisEntry:
+    name: str
+    overrides: tuple[tuple[str, str], ...] = ()
+    data_dir: str | None = None
+    n_examples: int | None = None
+    weights: str | None = None
+    model_dir: str | None = None
+    datasets: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    name: str
+    defenses: tuple[AxisEntry, ...]
+    threats: tuple[AxisEntry, ...]
+    datasets: tuple[AxisEntry, ...]
+    classifiers: tuple[AxisEntry, ...] = ()
+    seeds: tuple[int, ...] = (0,)
+    data_seed: int = 0
+    n_examples: int | None = None
+    overrides: tuple[tuple[str, str], ...] = ()
+    plugins: tuple[str, ...] = ()
+
+
+def _where(path: str, m: Any, key: str | None = None) -> str:
+    line = None
+    if isinstance(m, _Map):
+        line = m.lines.get(key, m.line) if key is not None else m.line
+    return f"{path}: line {line}" if line else path
+
+
+def _overrides(value: Any, where: str) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise GridError(f"{where}: 'set' must be a mapping of key: value")
+    out = []
+    for k, v in value.items():
+        if isinstance(v, (list, tuple)):
+            v = ",".join(map(str, v))
+        out.append((str(k), str(v)))
+    return tuple(out)
+
+
+def _axis(doc: _Map, axis: str, path: str, required: bool) -> tuple[AxisEntry, ...]:
+    if axis not in doc:
+        if required:
+            raise GridError(f"{_where(path, doc)}: missing required key '{axis}'")
+        return ()
+    items = doc[axis]
+    if not isinstance(items, list) or not items:
+        raise GridError(f"{_where(path, doc, axis)}: '{axis}' must be a non-empty list")
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            out.append(AxisEntry(name=item))
+            continue
+        if not isinstance(item, dict) or "name" not in item:
+            raise GridError(f"{_where(path, doc, axis)}: each entry of '{axis}' is a name or a mapping with 'name'")
+        for k in item:
+            if k not in AXIS_KEYS[axis]:
+                raise GridError(f"{_where(path, item, k)}: unknown key '{k}' in {axis}{suggest(str(k), sorted(AXIS_KEYS[axis]))}")
+        w = _where(path, item)
+        n = item.get("n_examples")
+        if n is not None and (not isinstance(n, int) or n < 1):
+            raise GridError(f"{_where(path, item, 'n_examples')}: n_examples must be a positive integer")
+        ds = item.get("datasets")
+        if ds is not None and not (isinstance(ds, list) and all(isinstance(d, str) for d in ds)):
+            raise GridError(f"{_where(path, item, 'datasets')}: 'datasets' must be a list of dataset names")
+        out.append(
+            AxisEntry(
+                name=str(item["name"]), overrides=_overrides(item.get("set"), w), data_dir=item.get("data_dir"),
+                n_examples=n, weights=item.get("weights"), model_dir=item.get("model_dir"),
+                datasets=tuple(ds) if ds is not None else None,
+            )
+        )
+    return tuple(out)
+
+
+def _int_list(doc: _Map, key: str, path: str) -> tuple[int, ...]:
+    v = doc[key]
+    vals = v if isinstance(v, list) else [v]
+    if not vals or not all(isinstance(i, int) and not isinstance(i, bool) for i in vals):
+        raise GridError(f"{_where(path, doc, key)}: '{key}' must be an integer or a list of integers")
+    return tuple(vals)
+
+
+def load_grid(path: str | Path) -> GridSpec:
+    """Parse and validate a grid file; errors name the key and its line."""
+    p = Path(path)
+    if not p.is_file():
+        raise GridError(f"grid file {path} does not exist")
+    try:
+        doc = yaml.load(p.read_text(), Loader=_LineLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f"line {mark.line + 1}: " if mark is not None else ""
+        raise GridError(f"{path}: {line}invalid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    if not isinstance(doc, _Map):
+        raise GridError(f"{path}: a grid file is a mapping with defenses, threats and datasets")
+    for k in doc:
+        if k not in TOP_KEYS:
+            raise GridError(f"{_where(str(path), doc, k)}: unknown key '{k}'{suggest(str(k), sorted(TOP_KEYS))}")
+    sp = str(path)
+    seeds = _int_list(doc, "seeds", sp) if "seeds" in doc else (_int_list(doc, "seed", sp) if "seed" in doc else (0,))
+    data_seed = _int_list(doc, "data_seed", sp)[0] if "data_seed" in doc else 0
+    n = doc.get("n_examples")
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise GridError(f"{_where(sp, doc, 'n_examples')}: n_examples must be a positive integer")
+    plugins = doc.get("plugins") or []
+    if not isinstance(plugins, list):
+        raise GridError(f"{_where(sp, doc, 'plugins')}: 'plugins' must be a list of files or modules")
+    base = p.parent
+    plugins = tuple(str((base / pl).resolve()) if str(pl).endswith(".py") and not Path(pl).is_absolute() else str(pl) for pl in plugins)
+    return GridSpec(
+        name=str(doc.get("name", p.stem)),
+        defenses=_axis(doc, "defenses", sp, True),
+        threats=_axis(doc, "threats", sp, True),
+        datasets=_axis(doc, "datasets", sp, True),
+        classifiers=_axis(doc, "classifiers", sp, False),
+        seeds=seeds,
+        data_seed=data_seed,
+        n_examples=n,
+        overrides=_overrides(doc.get("set"), _where(sp, doc, "set")),
+        plugins=plugins,
+    )

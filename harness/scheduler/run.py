@@ -1,0 +1,100 @@
+"""Running a grid: plan the cells, record the skipped ones, run the rest through one executor.
+
+Every job goes through :class:`harness.evaluation.JobWriter`, the same begin / write /
+finish / fail sequence as ``harness run``: a forced rerun of a finished cell keeps its
+new batches in the parent's memory and swaps the stored rows only when it has
+finished, so a grid killed during ``--force`` keeps the old results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.core.registry import HarnessError, suggest
+from harness.evaluation import JobWriter
+from harness.scheduler.cells import Cell, plan
+from harness.scheduler.executors import LocalExecutor, RayExecutor, Task
+from harness.scheduler.gridfile import GridSpec
+from harness.store import Store
+
+
+@dataclass
+class GridSummary:
+    """Every cell of a grid with its final state."""
+
+    cells: list[Cell] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """state -> number of cells."""
+        out: dict[str, int] = {}
+        for c in self.cells:
+            out[c.state] = out.get(c.state, 0) + 1
+        return out
+
+
+def _record_skips(cells: list[Cell], store: Store) -> None:
+    for c in cells:
+        if c.state == "skipped":
+            store.record_skip(
+                c.job_id, c.reason or "", defense=c.cfg.defense, threat=c.cfg.threat, dataset=c.cfg.dataset,
+                classifier=c.cfg.classifier or "default", seed=c.cfg.seed, n_examples=c.cfg.n_examples or 0,
+                identity={"run_config": dataclasses.asdict(c.cfg)}, config={"run_config": dataclasses.asdict(c.cfg)},
+            )
+
+
+def _executor(executor: str, devices: list[str] | None, address: str | None, ray_cpus: int | None):
+    if executor == "local":
+        return LocalExecutor(devices or ["cpu"])
+    if executor == "ray":
+        gpu = any(d.startswith("cuda") for d in (devices or []))
+        return RayExecutor(address, 1.0 if gpu else 0.0, ray_cpus)
+    raise HarnessError(f"unknown executor '{executor}'{suggest(executor, ['local', 'ray'])} (local or ray)")
+
+
+def run_grid(
+    spec: GridSpec,
+    store: Store,
+    *,
+    executor: str = "local",
+    devices: list[str] | None = None,
+    address: str | None = None,
+    ray_cpus: int | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    log=print,
+) -> GridSummary:
+    """Plan ``spec`` against ``store`` and run every pending cell (see the module docstring)."""
+    cells = plan(spec, store, force=force)
+    summary = GridSummary(cells)
+    if dry_run:
+        return summary
+    run = _executor(executor, devices, address, ray_cpus)
+    _record_skips(cells, store)
+    todo = [c for c in cells if c.state == "pending"]
+    writers = {c.job_id: JobWriter(store, c.job, force=force) for c in todo}
+    by_id = {c.job_id: c for c in todo}
+    tasks = [Task(c.job_id, c.cfg, tuple(sorted(writers[c.job_id].begin()))) for c in todo]
+
+    def on_event(kind: str, job_id: str, b: int | None, payload: Any) -> None:
+        cell, writer = by_id[job_id], writers[job_id]
+        if kind == "batch":
+            writer.write(b, payload)
+            return
+        if kind == "done":
+            try:
+                writer.finish()
+                cell.state = "ran"
+                m = store.metrics(job_id)
+                log(f"  done    {cell.label()}: clean {m['clean_accuracy'].value:.3f} robust {m['robust_accuracy'].value:.3f}")
+                return
+            except HarnessError as exc:
+                payload = str(exc)
+        cell.state, cell.reason = "failed", payload
+        writer.fail(str(payload))
+        log(f"  FAILED  {cell.label()}: {str(payload).splitlines()[0]}")
+
+    if tasks:
+        run.run(tasks, store.url, on_event)
+    return summary

@@ -1,0 +1,50 @@
+"""Expectation over transformation: EOT samples stacked along the batch dimension.
+
+For a stochastic defense the defended forward draws fresh purification noise on every
+call, so ``eot`` copies of the batch stacked along the batch dimension are ``eot``
+independent draws, computed in one forward pass (chunks of at most ``max_batch``
+images when that does not fit).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from threat_models.losses import attack_loss, margin
+
+Model = Callable[[torch.Tensor], torch.Tensor]
+
+
+def eot_forward(
+    model: Model, x: torch.Tensor, y: torch.Tensor, *, eot: int, reduce: str, loss: str, max_batch: int, need_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """EOT-averaged logits, margin and (optionally) the gradient of the mean loss.
+
+    ``reduce='loss'`` averages the per-sample losses (standard EOT);
+    ``reduce='logits'`` averages logits first (DiffPure's BPDA+EOT).
+    """
+    B = x.shape[0]
+    per_chunk = max(1, min(eot, max_batch // max(B, 1)))
+    xin = x.detach().clone().requires_grad_(need_grad)
+    grad = torch.zeros_like(x) if need_grad else None
+    chunks = []
+    done = 0
+    with torch.set_grad_enabled(need_grad):
+        while done < eot:
+            k = min(per_chunk, eot - done)
+            logits = model(xin.repeat(k, 1, 1, 1)).view(k, B, -1)
+            if need_grad and reduce == "loss":
+                # the mean of per-sample losses decomposes over chunks: free each chunk's graph
+                obj = attack_loss(loss, logits.reshape(k * B, -1), y.repeat(k)).sum() / eot
+                grad += torch.autograd.grad(obj, xin)[0]
+                logits = logits.detach()
+            chunks.append(logits)
+            done += k
+        mean_logits = torch.cat(chunks, 0).mean(0)
+        if need_grad and reduce == "logits":
+            # the loss of averaged logits does not decompose: one backward over all chunks
+            grad = torch.autograd.grad(attack_loss(loss, mean_logits, y).sum(), xin)[0]
+    mean_logits = mean_logits.detach()
+    return mean_logits, margin(mean_logits, y), grad

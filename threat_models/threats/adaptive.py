@@ -1,0 +1,30 @@
+"""Fully adaptive white-box (spec section 3.4): the strongest gradient the defense declares.
+
+PGD-EOT (Lee & Kim: 200 steps of 0.007, EOT 20, no random start) and AutoAttack
+through the defense's strongest gradient path, then the same attacks again through
+BPDA on the examples that survive (``also_paths``; the exact gradient is not always the
+strongest). The ``autoattack`` suite is AutoAttack-standard (APGD-CE, APGD-T, FAB-T,
+Square) against a deterministic defense and AutoAttack-rand (APGD-CE, APGD-DLR with
+EOT) against a stochastic one, chosen from the defense's declared ``stochastic``.
+"""
+
+from threat_models.specs import L2_EPS, ThreatModel, family_defaults, register_threat
+
+register_threat(
+    ThreatModel(
+        name="adaptive",
+        description="fully adaptive white-box: PGD-EOT and AutoAttack (standard for deterministic defenses, rand for "
+        "stochastic ones) through the strongest gradient, then again through BPDA on the survivors; per-example minimum",
+        base=dict(
+            attacks=("pgd", "autoattack"), steps=200, step_size=0.007, random_start=False, gradient_path="auto",
+            also_paths=("bpda",), eot_samples=20, apgd_steps=100, eval_draws=10, scoring="worst",
+        ),
+        per_family=family_defaults(
+            {
+                "digits": {"steps": 40, "eot_samples": 4, "apgd_steps": 40, "attack_options": ("square.n_queries=1000",)},
+                "mnist": {"steps": 40, "eot_samples": 4, "apgd_steps": 40, "attack_options": ("square.n_queries=1000",)},
+            }
+        ),
+        l2_eps=L2_EPS,
+    )
+)

@@ -1,0 +1,20 @@
+"""BPDA+EOT (DiffPure / Hill et al., spec section 3.3a): purify forward, identity backward.
+
+50 PGD steps of 2/255 without random start, logits averaged over 15 purifications per
+gradient (DiffPure's ``eot_attack_ave='logits'``), R evaluation draws.
+"""
+
+from threat_models.specs import L2_EPS, ThreatModel, family_defaults, register_threat
+
+register_threat(
+    ThreatModel(
+        name="bpda",
+        description="BPDA+EOT (DiffPure/Hill et al.): purify forward, identity backward, logits averaged over EOT samples",
+        base=dict(
+            attacks=("pgd",), steps=50, step_size=2 / 255, random_start=False, gradient_path="bpda",
+            eot_samples=15, eot_reduce="logits", eval_draws=10, scoring="worst",
+        ),
+        per_family=family_defaults({"digits": {"steps": 20, "eot_samples": 4}, "mnist": {"steps": 20, "eot_samples": 4}}),
+        l2_eps=L2_EPS,
+    )
+)
