@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 TOY_PLUGIN = str(Path(__file__).parent / "plugins" / "toy_defenses.py")
+TOY_ATTACK = str(Path(__file__).parent / "plugins" / "toy_attack.py")
+TOY_SHIFT = str(Path(__file__).parent / "plugins" / "toy_shift.py")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -19,7 +21,8 @@ def _registries():
 
     torch.set_num_threads(1)
     load_builtin()
-    load_plugin(TOY_PLUGIN)
+    for plugin in (TOY_PLUGIN, TOY_ATTACK, TOY_SHIFT):
+        load_plugin(plugin)
 
 
 class TinyCNN(nn.Module):

@@ -1,103 +1,214 @@
-"""Attack engine invariants on tiny models: eps-ball, [0,1], EOT batching, scoring rules."""
+"""The attack contract, checked on every registered attack (built-in and plugin), plus EOT and scoring.
+
+Every attack must keep its result inside the eps-ball and [0, 1], report margins that
+agree with the model's logits, keep a non-increasing curve, and (fixed-budget attacks)
+use at least 90% of the budget on the examples it cannot break. The mutation tests
+show the checks can fail: with the projection replaced by "no perturbation" the budget
+check fails, and with the projection replaced by the identity the ball check fails.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from harness.core.defense import DEFENSES, GradientPath
-from threat_models import attacks as A
+from harness.core import ATTACKS, SUITES, AttackRandomness, Budget, GradientPath
+from harness.core.defense import DEFENSES
+from harness.core.registry import HarnessError
+from threat_models.eot import AttackedFunction, eot_forward
+from threat_models.losses import margin
+from threat_models.norms import NORMS
+from threat_models.scoring import predict_draws, score_draws
+from threat_models.specs import ThreatSpec
+
+EPS = {"linf": 0.05, "l2": 0.5}
 
 
-@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.8)])
-@pytest.mark.parametrize("rand_start", [True, False])
-def test_pgd_stays_in_ball_and_range(tiny_clf, images01, labels, norm, eps, rand_start):
-    res = A.pgd(
-        tiny_clf, images01, labels, norm=norm, eps=eps, steps=10, step_size=eps / 3, rand_start=rand_start,
-        restarts=2, generator=torch.Generator().manual_seed(0),
+def _spec(norm: str) -> ThreatSpec:
+    eps = EPS[norm]
+    return ThreatSpec(
+        name="contract", norm=norm, eps=eps, steps=12, step_size=eps / 4, random_start=True, apgd_steps=12,
+        attack_options=("square.n_queries=300", "cw-l2.steps=20", "cw-l2.search_steps=3", "apgd-t.n_target_classes=3",
+                        "fab-t.n_target_classes=3"),
     )
-    d = (res.x_adv - images01).flatten(1)
-    if norm == "linf":
-        assert d.abs().max() <= eps + 1e-6
-    else:
-        assert d.norm(dim=1).max() <= eps + 1e-5
-    assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1
-    assert len(res.curve) == 11
-    # the curve is of the best-so-far iterate: robust counts never increase
-    assert all(a >= b for a, b in zip(res.curve, res.curve[1:]))
 
 
-def test_pgd_lowers_accuracy_and_margin_is_consistent(tiny_clf, images01, labels):
-    res = A.pgd(tiny_clf, images01, labels, norm="linf", eps=0.3, steps=20, step_size=0.05, rand_start=False)
+@pytest.fixture
+def attack_clf():
+    """A small MLP whose margins leave a mix of broken and unbroken examples at the budgets above."""
+    torch.manual_seed(3)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10)).eval()
+
+
+@pytest.fixture
+def mid_images():
+    """Images in [0.25, 0.75], so that clipping to [0, 1] never limits the budget."""
+    g = torch.Generator().manual_seed(0)
+    return 0.25 + 0.5 * torch.rand(12, 1, 8, 8, generator=g)
+
+
+@pytest.fixture
+def mid_labels(attack_clf, mid_images):
+    """The classifier's own predictions: every example starts correctly classified."""
     with torch.no_grad():
-        m = A.margin(tiny_clf(res.x_adv), labels)
-    torch.testing.assert_close(m, res.margin)
-    clean_correct = (tiny_clf(images01).argmax(1) == labels).sum()
-    assert (m <= 0).sum() <= clean_correct
-    assert res.curve[-1] == int((m <= 0).sum())
+        return attack_clf(mid_images).argmax(1)
 
 
-def test_eot_batched_matches_averaged_gradients(tiny_clf, images01, labels):
-    """K EOT samples stacked along the batch give the mean of K single-sample gradients."""
+def run_attack(name, norm, model, x, y, seed=0):
+    spec = _spec(norm)
+    cls = ATTACKS.get(name)
+    attack = cls.from_options(spec, spec.options_for_attack(name))
+    ticks = []
+    res = attack.run(model, x, y, Budget(norm, spec.eps), AttackRandomness(torch.Generator().manual_seed(seed), seed), ticks.append)
+    return attack, res, sum(ticks)
+
+
+def contract_violations(name, norm, tiny_clf, x, y) -> list[str]:
+    """Everything attack ``name`` gets wrong about the contract on (tiny_clf, x, y)."""
+    model = AttackedFunction(tiny_clf)
+    attack, res, ticks = run_attack(name, norm, model, x, y)
+    eps, bad = EPS[norm], []
+    d = NORMS.get(norm).distance(res.x_adv - x)
+    if (d > eps * (1 + 1e-4) + 1e-6).any():
+        bad.append(f"outside the eps-ball: max {norm} {float(d.max()):.4g} > {eps}")
+    if res.x_adv.min() < 0 or res.x_adv.max() > 1:
+        bad.append("outside [0, 1]")
+    with torch.no_grad():
+        m = margin(tiny_clf(res.x_adv), y)
+    if not torch.allclose(m, res.margin.float(), atol=1e-4, rtol=1e-4):
+        bad.append(f"margins disagree with the logits (max diff {float((m - res.margin).abs().max()):.3g})")
+    if any(a < b for a, b in zip(res.curve, res.curve[1:])):
+        bad.append(f"curve increases: {res.curve}")
+    if model.training or any(m.training for m in tiny_clf.modules()):
+        bad.append("left the model in training mode (BatchNorm would use batch statistics)")
+    if ticks != attack.ticks():
+        bad.append(f"reported {ticks} progress ticks, declares {attack.ticks()}")
+    unbroken = m <= 0
+    if not attack.minimum_norm and unbroken.any() and (d[unbroken] < 0.9 * eps).any():
+        bad.append(f"uses {float(d[unbroken].min() / eps):.0%} of the budget on an example it cannot break (needs 90%)")
+    return bad
+
+
+def _registered():
+    return [(a, n) for a in ATTACKS.names() for n in sorted(ATTACKS.get(a).norms) if not ATTACKS.get(a).requires]
+
+
+@pytest.mark.parametrize("name,norm", _registered())
+def test_every_attack_keeps_the_contract(name, norm, attack_clf, mid_images, mid_labels):
+    assert contract_violations(name, norm, attack_clf, mid_images, mid_labels) == []
+
+
+@pytest.mark.parametrize("name", ["pgd", "apgd-ce", "square"])
+def test_budget_check_is_not_vacuous(name, attack_clf, mid_images, mid_labels):
+    """Some examples survive at this budget, so the 90%-of-budget check has something to check."""
+    _, res, _ = run_attack(name, "l2", AttackedFunction(attack_clf), mid_images, mid_labels)
+    with torch.no_grad():
+        assert (margin(attack_clf(res.x_adv), mid_labels) <= 0).sum() >= 2
+
+
+def test_mutation_no_perturbation_fails_the_budget_check(monkeypatch, attack_clf, mid_images, mid_labels):
+    l2 = NORMS.get("l2")
+    monkeypatch.setattr(l2, "clip_delta", lambda delta, eps: torch.zeros_like(delta))
+    bad = contract_violations("pgd", "l2", attack_clf, mid_images, mid_labels)
+    assert any("of the budget" in b for b in bad), bad
+
+
+def test_mutation_identity_projection_fails_the_ball_check(monkeypatch, attack_clf, mid_images, mid_labels):
+    l2 = NORMS.get("l2")
+    monkeypatch.setattr(l2, "clip_delta", lambda delta, eps: delta)
+    bad = contract_violations("pgd", "l2", attack_clf, mid_images, mid_labels)
+    assert any("outside the eps-ball" in b for b in bad), bad
+
+
+def test_attacks_declare_what_the_engine_needs():
+    for name, cls in ATTACKS.items():
+        caps = cls.capabilities()
+        assert caps["norms"] and set(caps["norms"]) <= set(NORMS.names()), name
+        assert caps["eot"] in ("batched", "looped", "none"), name
+    for name, suite in SUITES.items():
+        for member in suite.deterministic + (suite.stochastic or ()):
+            assert member in ATTACKS, (name, member)
+
+
+def test_pgd_curve_counts_robust_examples(attack_clf, mid_images, mid_labels):
+    _, res, _ = run_attack("pgd", "linf", AttackedFunction(attack_clf), mid_images, mid_labels)
+    assert len(res.curve) == _spec("linf").steps + 1
+    assert res.curve[-1] == int((res.margin <= 0).sum())
+    assert res.curve[0] >= res.curve[-1]
+
+
+def test_stronger_budget_breaks_more(attack_clf, mid_images, mid_labels):
+    """A sanity check that attacks attack: at a large budget PGD breaks every example."""
+    spec = ThreatSpec(name="big", eps=0.5, steps=20, step_size=0.05)
+    attack = ATTACKS.get("pgd").from_options(spec)
+    res = attack.run(AttackedFunction(attack_clf), mid_images, mid_labels, Budget("linf", 0.5),
+                     AttackRandomness(torch.Generator().manual_seed(0), 0), lambda k: None)
+    assert (res.margin > 0).all()
+
+
+def test_per_example_budgets(tiny_clf, images01, labels):
+    from threat_models.attacks.pgd import pgd
+
+    eps = torch.tensor([0.0, 0.02, 0.05, 0.1, 0.2, 0.3])
+    res = pgd(tiny_clf, images01, labels, norm="linf", eps=eps, steps=5, step_size=eps / 4, generator=torch.Generator().manual_seed(0))
+    per = (res.x_adv - images01).flatten(1).abs().max(1).values
+    assert (per <= eps + 1e-6).all()
+    with pytest.raises(HarnessError, match="one budget per batch"):
+        Budget("linf", eps).scalar_eps()
+
+
+# --------------------------------------------------------------------------- EOT
+def _toy_noise_model(tiny_clf, seed):
     d = DEFENSES.get("toy-noise").from_dict({})
-
-    def model_with(gen):
-        return lambda x: d.classify(x, tiny_clf, path=GradientPath.FULL, generator=gen)
-
-    K = 4
-    _, _, g_batched = A.eot_forward(
-        model_with(torch.Generator().manual_seed(5)), images01, labels, eot=K, reduce="loss", loss="ce", max_batch=10_000, need_grad=True
-    )
-    # the same noise drawn one sample at a time: the generator stream must line up
-    gen = torch.Generator().manual_seed(5)
-    noise = torch.randn((K,) + images01.shape, generator=gen)
-    acc = torch.zeros_like(images01)
-    for k in range(K):
-        x = images01.clone().requires_grad_(True)
-        out = tiny_clf(A_blur(x + d.config.sigma * noise[k]).clamp(0, 1))
-        loss = torch.nn.functional.cross_entropy(out, labels, reduction="sum") / K
-        acc += torch.autograd.grad(loss, x)[0]
-    torch.testing.assert_close(g_batched, acc, rtol=1e-4, atol=1e-6)
-    # chunking (max_batch smaller than K*B) draws the same stream in the same order
-    _, _, g_chunked = A.eot_forward(
-        model_with(torch.Generator().manual_seed(5)), images01, labels, eot=K, reduce="loss", loss="ce", max_batch=len(labels), need_grad=True
-    )
-    torch.testing.assert_close(g_chunked, g_batched, rtol=1e-4, atol=1e-6)
+    gen = torch.Generator().manual_seed(seed)
+    return d, (lambda x: d.classify(x, tiny_clf, path=GradientPath.FULL, generator=gen))
 
 
-def A_blur(x):
+def _blur(x):
     import sys
 
     # the toy plugin is loaded under its own module name, as `--plugin` loads it
     return sys.modules[DEFENSES.get("toy-noise").__module__]._blur(x)
 
 
+def test_eot_batched_matches_averaged_gradients(tiny_clf, images01, labels):
+    """K EOT samples stacked along the batch give the mean of K single-sample gradients."""
+    d, model = _toy_noise_model(tiny_clf, 5)
+    K = 4
+    _, _, g_batched = eot_forward(model, images01, labels, eot=K, reduce="loss", loss="ce", max_batch=10_000, need_grad=True)
+    gen = torch.Generator().manual_seed(5)  # the same noise, one sample at a time
+    noise = torch.randn((K,) + images01.shape, generator=gen)
+    acc = torch.zeros_like(images01)
+    for k in range(K):
+        x = images01.clone().requires_grad_(True)
+        out = tiny_clf(_blur(x + d.config.sigma * noise[k]).clamp(0, 1))
+        acc += torch.autograd.grad(torch.nn.functional.cross_entropy(out, labels, reduction="sum") / K, x)[0]
+    torch.testing.assert_close(g_batched, acc, rtol=1e-4, atol=1e-6)
+    _, chunked = _toy_noise_model(tiny_clf, 5)  # chunking draws the same stream in the same order
+    _, _, g_chunked = eot_forward(chunked, images01, labels, eot=K, reduce="loss", loss="ce", max_batch=len(labels), need_grad=True)
+    torch.testing.assert_close(g_chunked, g_batched, rtol=1e-4, atol=1e-6)
+
+
 def test_logit_averaging_eot_reduce(tiny_clf, images01, labels):
-    logits, m, g = A.eot_forward(tiny_clf, images01, labels, eot=3, reduce="logits", loss="ce", max_batch=6, need_grad=True)
+    logits, _, g = eot_forward(tiny_clf, images01, labels, eot=3, reduce="logits", loss="ce", max_batch=6, need_grad=True)
     x = images01.clone().requires_grad_(True)
     ref = torch.autograd.grad(torch.nn.functional.cross_entropy(tiny_clf(x), labels, reduction="sum"), x)[0]
     torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(logits, tiny_clf(images01).detach())
 
 
-@pytest.mark.parametrize("loss", ["ce", "dlr"])
-def test_apgd_from_pyautoattack_stays_in_ball(tiny_clf, images01, labels, loss):
-    res = A.apgd(tiny_clf, images01, labels, loss=loss, norm="linf", eps=0.1, steps=10, eot=1, seed=0)
-    assert (res.x_adv - images01).abs().max() <= 0.1 + 1e-6
-    assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1
+@pytest.mark.parametrize("name", ["pgd", "apgd-ce", "apgd-dlr", "apgd-t", "toy-fgsm"])
+def test_eot_attacks_run_on_a_stochastic_model(name, tiny_clf, images01, labels):
+    _, fn = _toy_noise_model(tiny_clf, 0)
+    model = AttackedFunction(fn, stochastic=True, eot_samples=3)
+    _, res, _ = run_attack(name, "l2", model, images01, labels)
+    assert (res.x_adv - images01).flatten(1).norm(dim=1).max() <= EPS["l2"] + 1e-5
 
 
-def test_apgd_with_eot_on_stochastic_model(tiny_clf, images01, labels):
-    d = DEFENSES.get("toy-noise").from_dict({})
-    gen = torch.Generator().manual_seed(0)
-    res = A.apgd(lambda x: d.classify(x, tiny_clf, generator=gen), images01, labels, loss="ce", norm="l2", eps=0.5, steps=5, eot=3, seed=0)
-    assert (res.x_adv - images01).flatten(1).norm(dim=1).max() <= 0.5 + 1e-5
-
-
+# --------------------------------------------------------------------------- scoring
 def test_score_draws_rules():
     preds = torch.tensor([[1, 1, 1], [1, 2, 1], [2, 1, 2], [1, 2, 3]])
-    y = torch.tensor([1, 1, 1, 1])
-    s = A.score_draws(preds, y)
+    s = score_draws(preds, torch.tensor([1, 1, 1, 1]))
     assert s["single"].tolist() == [True, True, False, True]
     assert s["majority"].tolist() == [True, True, False, False]  # a 1-1-1 tie is not a majority
     assert s["worst"].tolist() == [True, False, False, False]
@@ -106,7 +217,7 @@ def test_score_draws_rules():
 def test_predict_draws_uses_independent_noise(tiny_clf, images01):
     d = DEFENSES.get("toy-noise").from_dict({"sigma": 2.0})
     gen = torch.Generator().manual_seed(0)
-    p = A.predict_draws(lambda x: d.classify(x, tiny_clf, generator=gen), images01, draws=8)
+    p = predict_draws(lambda x: d.classify(x, tiny_clf, generator=gen), images01, draws=8)
     assert p.shape == (6, 8)
     assert (p != p[:, :1]).any()  # with large noise, draws disagree somewhere
 
@@ -114,15 +225,7 @@ def test_predict_draws_uses_independent_noise(tiny_clf, images01):
 def test_projection_l2_and_linf():
     x = torch.full((2, 1, 4, 4), 0.5)
     far = x + torch.ones_like(x)
-    p = A.project(far, x, "l2", 1.0)
-    assert torch.allclose((p - x).flatten(1).norm(dim=1), torch.tensor([0.5 * 4, 0.5 * 4])) or (p - x).flatten(1).norm(dim=1).max() <= 1.0 + 1e-6
-    p = A.project(far, x, "linf", 0.1)
-    assert torch.allclose(p, x + 0.1)
-
-
-def test_pgd_with_per_example_budgets(tiny_clf, images01, labels):
-    eps = torch.tensor([0.0, 0.02, 0.05, 0.1, 0.2, 0.3])
-    res = A.pgd(tiny_clf, images01, labels, norm="linf", eps=eps, steps=5, step_size=eps / 4, rand_start=True,
-                generator=torch.Generator().manual_seed(0))
-    per = (res.x_adv - images01).flatten(1).abs().max(1).values
-    assert (per <= eps + 1e-6).all()
+    p = NORMS.get("l2").project(far, x, 1.0)
+    torch.testing.assert_close((p - x).flatten(1).norm(dim=1), torch.tensor([1.0, 1.0]))
+    p = NORMS.get("linf").project(far, x, 0.1)
+    torch.testing.assert_close(p, x + 0.1)

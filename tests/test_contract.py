@@ -17,7 +17,7 @@ from harness.core.defense import DEFENSES, Defense, GradientPath, SetupContext
 TINY: dict[str, dict] = {}
 
 #: Deliberately broken test plugins, checked by tests/test_engine.py instead.
-BROKEN = {"toy-nan"}
+BROKEN = {"toy-nan", "toy-range"}
 
 
 def _names():
@@ -91,7 +91,22 @@ def test_unknown_config_key_is_an_error(defense):
         type(defense).from_dict({"definitely_not_an_option": 1})
 
 
-def test_capabilities_are_declared(defense):
-    caps = type(defense).capabilities()
-    assert "bpda" in caps["gradient_paths"] and "classifier" in caps["gradient_paths"]
-    assert isinstance(caps["stochastic"], bool)
+def test_declared_paths_are_implemented(defense, images01):
+    """A declared adjoint/surrogate path overrides its method; a declared full path is
+    connected to autograd (its output depends on the input through the graph)."""
+    cls = type(defense)
+    for path, method in ((GradientPath.ADJOINT, "purify_adjoint"), (GradientPath.SURROGATE, "purify_surrogate")):
+        overridden = getattr(cls, method) is not getattr(Defense, method)
+        assert overridden == (path in cls.gradient_paths), (path, method)
+    if GradientPath.FULL in cls.gradient_paths:
+        out = defense.purify(images01.clone().requires_grad_(True), generator=torch.Generator().manual_seed(0))
+        assert out.requires_grad
+
+
+def test_scoring_forward_needs_no_autograd(defense, images01, tiny_clf):
+    """Evaluation draws use the defense's own forward (path None): no graph, same values as purify."""
+    x = images01.clone().requires_grad_(True)
+    logits = defense.classify(x, tiny_clf, path=None, generator=torch.Generator().manual_seed(3))
+    ref = tiny_clf(defense.purify(images01, generator=torch.Generator().manual_seed(3)))
+    torch.testing.assert_close(logits.detach(), ref.detach())
+    assert x.grad is None

@@ -136,6 +136,44 @@ datasets: [digits]
     assert all(j.status in ("done", "skipped") for j in Store(str(db)).jobs())
 
 
+def test_a_grid_killed_during_force_keeps_the_old_rows(tmp_path):
+    """--force recomputes a finished cell in memory and swaps its rows only when it has finished."""
+    text = f"""
+n_examples: 48
+set: {{batch_size: 16}}
+plugins: [{TOY_PLUGIN}]
+defenses:
+  - toy-noise
+  - name: toy-slow  # seconds per job, so the kill below lands mid-job
+    set: {{delay: 0.1}}
+threats:
+  - name: bpda
+    set: {{steps: 10, eot_samples: 2}}
+datasets: [digits]
+"""
+    g = write(tmp_path, text)
+    db = tmp_path / "r.db"
+    exe = [sys.executable, "-u", "-m", "harness.cli", "grid", str(g), "--db", str(db)]
+    subprocess.run(exe, check=True, capture_output=True, timeout=600)
+    reference = rows(db)
+    finished = {j.id: j.finished_at for j in Store(str(db)).jobs()}
+
+    proc = subprocess.Popen(exe + ["--force"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.strip().startswith("done") and "toy-noise" in line:  # the first cell was redone; the slow one is running
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=30)
+    assert not any("toy-slow" in line and line.strip().startswith("done") for line in seen), "killed too late"
+    st = Store(str(db))
+    assert all(j.status == "done" for j in st.jobs())
+    assert rows(db) == reference  # nothing was lost, and the redone cell reproduced its rows
+    redone = [j for j in st.jobs() if j.finished_at != finished[j.id]]
+    assert [j.defense for j in redone] == ["toy-noise"]
+
+
 def test_ray_executor_matches_local(tmp_path):
     pytest.importorskip("ray")
     g = write(tmp_path, GRID)

@@ -48,3 +48,27 @@ def eot_forward(
             grad = torch.autograd.grad(attack_loss(loss, mean_logits, y).sum(), xin)[0]
     mean_logits = mean_logits.detach()
     return mean_logits, margin(mean_logits, y), grad
+
+
+class AttackedFunction(torch.nn.Module):
+    """A logits function as an attack's model (the ``AttackedModel`` protocol).
+
+    For running registered attacks outside a job (trainers, notebooks, tests): ``fn`` maps
+    [0,1] images to logits; a stochastic ``fn`` draws fresh noise per call, and
+    ``eot_samples`` of them are averaged per gradient.
+    """
+
+    def __init__(self, fn: Model, *, stochastic: bool = False, eot_samples: int = 1, eot_reduce: str = "loss", max_forward: int = 1024):
+        super().__init__()
+        self.fn = fn
+        self.eval()  # an attacked model is evaluated, never trained
+        self.stochastic, self.eot_samples, self.eot_reduce, self.max_forward = stochastic, eot_samples, eot_reduce, max_forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+    def eot(self, x: torch.Tensor, y: torch.Tensor, *, loss: str, need_grad: bool):
+        """EOT-averaged logits, margin and (if ``need_grad``) gradient of the mean loss."""
+        return eot_forward(
+            self, x, y, eot=self.eot_samples, reduce=self.eot_reduce, loss=loss, max_batch=self.max_forward, need_grad=need_grad
+        )

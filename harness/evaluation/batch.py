@@ -149,6 +149,8 @@ def _run_one(st: BatchState, pa: PlannedAttack, idx: torch.Tensor, cached: dict 
     rng = AttackRandomness(generator=st.start_gen, seed=derive_seed(st.seed, st.b, pa.label) % (2**31))
     budget = Budget(norm=job.spec.norm, eps=job.spec.eps)
     res = pa.attack.run(st.models[pa.path], st.x[idx], st.y[idx], budget, rng, st.tick)
+    if job.classifier.module.training or job.defense.training:
+        raise HarnessError(f"attack {pa.label} left the classifier or the defense in training mode (attacks must not change it)")
     res = AttackResult(x_adv=res.x_adv.detach(), margin=res.margin.detach(), curve=list(res.curve))
     if not torch.isfinite(res.x_adv).all():
         raise HarnessError(f"attack {pa.label} produced non-finite images (defense '{job.defense.name}' gradients are NaN?)")

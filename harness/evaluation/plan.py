@@ -132,6 +132,9 @@ def build_plan(defense_cls: type[Defense], spec: ThreatSpec) -> AttackPlan:
     """Expand and check the attacks of ``spec`` against ``defense_cls`` (see the module docstring)."""
     main = main_path_for(defense_cls, spec)
     also, notes = _also_paths(defense_cls, spec, main)
+    if spec.gradient_path == "auto" and main is GradientPath.BPDA:
+        notes.insert(0, f"gradient_path auto -> bpda: defense '{defense_cls.name}' declares no differentiable path "
+                        "(full, adjoint or surrogate), so the attacks differentiate through BPDA")
     planned: list[PlannedAttack] = []
     seen: set[str] = set()
     for k, path in enumerate([main] + also):

@@ -7,12 +7,17 @@
 - ``toy-slow``: a deterministic blur that sleeps a configured delay per call (resume tests).
 - ``toy-quantize``: gradient masking (rounding to 4 grey levels, zero gradient almost
   everywhere): the classic "broken" defense. Its full gradient is useless, BPDA breaks it.
+- ``toy-numpy``: a non-differentiable purifier (a round trip through numpy, as JPEG or
+  a test-time optimisation would be) that declares only the ``bpda`` path.
+- ``toy-nan``, ``toy-range``: broken purifiers (NaN outputs; outputs outside [0, 1]).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -109,3 +114,22 @@ class ToyNaN(Defense):
 
     def purify(self, x, *, generator=None):
         return x * float("nan")
+
+
+@register_defense("toy-numpy")
+class ToyNumpy(Defense):
+    """Non-differentiable purifier: 8-level quantisation computed in numpy (declares only bpda)."""
+
+    gradient_paths = frozenset({GradientPath.BPDA})
+
+    def purify(self, x, *, generator=None):
+        a = x.detach().cpu().numpy()
+        return torch.from_numpy(np.round(a * 7) / 7).to(device=x.device, dtype=x.dtype)
+
+
+@register_defense("toy-range")
+class ToyRange(Defense):
+    """A broken purifier whose outputs leave [0, 1] (the contract): the engine must refuse it."""
+
+    def purify(self, x, *, generator=None):
+        return 2 * x - 0.5

@@ -81,7 +81,9 @@ class CWL2(Attack):
         cfg = self.config
         x = x.detach()
         B = x.shape[0]
-        net = AsModule(model)
+        # eval() first: torchattacks restores the wrapper's training flag after every call, and a
+        # fresh module is in training mode, which would switch the classifier's BatchNorm to batch statistics
+        net = AsModule(model).eval()
         atk = _torchattacks_cw()(net, c=1.0, kappa=cfg.confidence, steps=cfg.steps, lr=cfg.lr)
         atk.set_device(x.device)
         consts = torch.full((B,), cfg.initial_const, device=x.device)
