@@ -47,8 +47,9 @@ import torch.utils.checkpoint
 import torchsde
 from torch import nn
 
-from harness.core.env import sha256_file
+from harness.core.env import WEIGHTS_DIR, sha256_file
 from harness.core.registry import HarnessError
+from harness.core.registry import first_line as _first_line
 from harness.core.defense import CostLevel, Defense, SetupContext, randn_like
 
 BETA_MIN = 0.1
@@ -99,10 +100,8 @@ def sde_steps(t_star: float, dt: float, t_end: float = T_END) -> int:
 
 # --------------------------------------------------------------------------- backbones
 def shipped_weights_dir() -> Path:
-    """``harness/weights`` inside the installed package (where small backbones ship)."""
-    import harness
-
-    return Path(harness.__file__).resolve().parent / "weights"
+    """``harness/weights`` (where the shipped digits DDPM lives)."""
+    return WEIGHTS_DIR
 
 
 #: Datasets with a small backbone shipped in ``harness/weights`` (file stem).
@@ -112,10 +111,6 @@ HF_BACKBONES: dict[str, tuple[str, str]] = {"cifar10": ("google/ddpm-cifar10-32"
 #: Hugging Face cache to search (None = the hub's default, HF_HUB_CACHE / HF_HOME); nothing is downloaded.
 HF_CACHE_DIR: str | None = None
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @contextlib.contextmanager

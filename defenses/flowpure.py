@@ -43,8 +43,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from harness.core.env import sha256_file
+from harness.core.env import WEIGHTS_DIR, sha256_file
 from harness.core.registry import HarnessError
+from harness.core.registry import first_line as _first_line
 from harness.core.defense import Defense, DefenseConfig, GradientPath, SetupContext, randn_like, register_defense
 
 #: Noise level of the Gaussian training sources (official ``SIGMA = 3``, divided by 10).
@@ -54,10 +55,8 @@ VARIANTS = ("pgd", "cw", "gauss")
 
 
 def shipped_weights_dir() -> Path:
-    """``harness/weights`` inside the installed package (where the digits flows ship)."""
-    import harness
-
-    return Path(harness.__file__).resolve().parent / "weights"
+    """``harness/weights`` (where the digits flows ship)."""
+    return WEIGHTS_DIR
 
 
 def weights_name(variant: str, dataset: str) -> str:
@@ -68,10 +67,6 @@ def weights_name(variant: str, dataset: str) -> str:
 def train_command(variant: str, dataset: str) -> str:
     return f"harness train flowpure --variant {variant} --dataset {dataset}"
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- network

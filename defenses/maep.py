@@ -38,12 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.classifiers import sha256_file
+from harness.core.env import WEIGHTS_DIR, sha256_file
 from harness.core.registry import HarnessError
+from harness.core.registry import first_line as _first_line
 from harness.core.defense import Defense, DefenseConfig, GradientPath, SetupContext, register_defense
 
 #: Folder of the shipped weights (``maep-<dataset>.pt`` with its ``.json`` recipe).
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "harness" / "weights"
 
 #: Format tag stored in every MAEP checkpoint (a dict: format, arch, state_dict).
 CHECKPOINT_FORMAT = "maep-v1"
@@ -217,10 +217,6 @@ def random_keep(batch: int, tokens: int, ratio: float, generator: torch.Generato
 
 
 # --------------------------------------------------------------------------- checkpoints
-def _first_line(exc: BaseException) -> str:
-    s = str(exc).strip()
-    return s.splitlines()[0] if s else type(exc).__name__
-
 
 def checkpoint_dict(net: MaskedAutoencoder) -> dict[str, Any]:
     """What a MAEP ``.pt`` holds: format tag, architecture and state_dict (weights_only-safe)."""

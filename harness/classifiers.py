@@ -32,12 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.core.env import sha256_file  # re-exported: trainers import it from here
+from harness.core.env import WEIGHTS_DIR, sha256_file
 from harness.data import DATASETS
 from harness.core.registry import HarnessError, Registry, suggest
 
 #: Where the shipped small-CNN weights live (inside the package).
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 #: sha256 of the public CIFAR-10 ResNet checkpoints (Idelbayev, BSD-2-Clause), as in
 #: ``$HARNESS_SHARED/models/SHA256SUMS``: digest -> (architecture, file name).

@@ -17,6 +17,9 @@ import torch
 
 import harness
 
+#: Where the shipped weights live (the package's ``weights/`` folder, installed with it).
+WEIGHTS_DIR = Path(harness.__file__).resolve().parent / "weights"
+
 #: Packages whose versions can change a number; they enter every job's identity hash.
 IDENTITY_PACKAGES = ("torch", "torchvision", "numpy", "pyautoattack", "torchsde", "torchdiffeq", "diffusers")
 

@@ -25,6 +25,12 @@ class HarnessError(Exception):
     """A user-facing error: the CLI prints its message as one line and exits non-zero."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def suggest(name: str, choices: list[str]) -> str:
     """Return a ``"; did you mean 'x'?"`` suffix for the closest choice, or ``""``."""
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)

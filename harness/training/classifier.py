@@ -12,8 +12,6 @@ same machine, torch version and thread count writes the same weights.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from harness.classifiers import SMALL_CNNS, WEIGHTS_DIR, sha256_file
+from harness.classifiers import SMALL_CNNS
+from harness.training.common import WEIGHTS_DIR, atomic_save, output_paths, sha256_file, write_record
 from harness.data import load_split
 from harness.core.registry import HarnessError
 from harness.training import TRAINERS, Trainer
@@ -121,15 +120,8 @@ def train_classifier(
     test_acc = _accuracy(model, x_test, y_test)
     train_acc = _accuracy(model, x_train.cpu(), y_train.cpu())
 
-    out_dir = Path(out).expanduser() if out is not None else WEIGHTS_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pt_path, json_path = out_dir / f"{name}.pt", out_dir / f"{name}.json"
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    # Write then rename, so an interrupted run never leaves a half-written file that a
-    # concurrent evaluation would load.
-    tmp = pt_path.with_name(pt_path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, pt_path)
+    pt_path, json_path = output_paths(out, name, ".pt", ".json")
+    atomic_save({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, pt_path)
 
     record = {
         "name": name,
@@ -160,9 +152,7 @@ def train_classifier(
         "sha256": sha256_file(pt_path),
         "command": f"harness train classifier --dataset {dataset} --epochs {epochs} --seed {seed}",
     }
-    tmp_json = json_path.with_name(json_path.name + ".tmp")
-    tmp_json.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp_json, json_path)
+    write_record(record, json_path)
     return record
 
 
@@ -176,10 +166,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     rec = train_classifier(args.dataset, epochs=args.epochs, seed=args.seed, out=args.out, device=args.device)
-    out_dir = Path(args.out).expanduser() if args.out is not None else WEIGHTS_DIR
     print(
         f"{rec['name']}: clean test accuracy {rec['clean_test_accuracy']:.4f} on {rec['split']['test']} images "
-        f"({rec['epochs']} epochs, {rec['train_time_s']:.1f}s); wrote {out_dir / (rec['name'] + '.pt')} "
+        f"({rec['epochs']} epochs, {rec['train_time_s']:.1f}s); wrote {output_paths(args.out, rec['name'], '.pt')[0]} "
         f"(sha256 {rec['sha256'][:12]}) and {rec['name']}.json"
     )
     return 0

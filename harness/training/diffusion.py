@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import time
@@ -40,8 +39,8 @@ from tqdm import tqdm
 
 from harness.core.registry import HarnessError
 from harness.training import TRAINERS, Trainer
+from harness.training.common import WEIGHTS_DIR, atomic_save, output_paths, sha256_file, write_record
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
 @dataclass(frozen=True)
@@ -245,13 +244,8 @@ def train_diffusion(
         x_test = None
     heldout = _heldout_loss(ema, x_test, [10, 50, 100, 300, 600], seed) if x_test is not None else None
 
-    out_dir = Path(out).expanduser() if out is not None else WEIGHTS_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pt_path, json_path, png_path = (out_dir / f"{recipe.name}{ext}" for ext in (".pt", ".json", ".png"))
-    state = {k: v.detach().clone().contiguous() for k, v in ema.state_dict().items()}
-    tmp = pt_path.with_name(pt_path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, pt_path)
+    pt_path, json_path, png_path = output_paths(out, recipe.name, ".pt", ".json", ".png")
+    atomic_save({k: v.detach().clone().contiguous() for k, v in ema.state_dict().items()}, pt_path)
 
     grid_time = None
     if grid:
@@ -259,8 +253,6 @@ def train_diffusion(
         samples = sample_ddpm(ema, 100, tuple(x_train.shape[1:]), torch.Generator().manual_seed(seed + 2))
         save_grid(samples, png_path)
         grid_time = round(time.perf_counter() - t0, 2)
-
-    from defenses._diffusion import sha256_file
 
     import diffusers
 
@@ -289,9 +281,7 @@ def train_diffusion(
         "size_bytes": pt_path.stat().st_size,
         "command": f"harness train diffusion --dataset {dataset} --steps {steps} --seed {seed} --threads {torch.get_num_threads()}",
     }
-    tmp_json = json_path.with_name(json_path.name + ".tmp")
-    tmp_json.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp_json, json_path)
+    write_record(record, json_path)
     return record
 
 
@@ -309,10 +299,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rec = train_diffusion(args.dataset, steps=args.steps, seed=args.seed, out=args.out, device=args.device, grid=args.grid)
-    out_dir = Path(args.out).expanduser() if args.out is not None else WEIGHTS_DIR
     print(
         f"{rec['name']}: {rec['params']} parameters, {rec['training']['steps']} steps in {rec['train_time_s']:.1f}s, "
-        f"held-out eps MSE {rec['heldout_eps_mse_by_timestep']}; wrote {out_dir / (rec['name'] + '.pt')} "
+        f"held-out eps MSE {rec['heldout_eps_mse_by_timestep']}; wrote {output_paths(args.out, rec['name'], '.pt')[0]} "
         f"(sha256 {rec['sha256'][:12]}), {rec['name']}.json" + (f" and {rec['name']}.png" if rec["sample_grid"] else "")
     )
     return 0

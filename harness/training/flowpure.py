@@ -38,9 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,8 +51,16 @@ from defenses.flowpure import SIGMA_MAX, VARIANTS, VelocityField, build_unet, we
 from harness.training.diffusion import small_unet_config
 from harness.core.registry import HarnessError
 from harness.training import TRAINERS, Trainer
+from harness.training.common import (
+    WEIGHTS_DIR,
+    atomic_save,
+    load_resume_checkpoint,
+    output_paths,
+    sha256_file,
+    stop_on_sigint,
+    write_record,
+)
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 #: l_inf test budget per dataset family (threat_models.specs) and the training budget factor.
 EPS_FACTOR = 1.6
@@ -203,19 +208,6 @@ def cfm_loss(velocity: VelocityField, x0: torch.Tensor, x1: torch.Tensor, t: tor
     return F.mse_loss(velocity(t, xt), x1 - x0)
 
 
-# --------------------------------------------------------------------------- checkpoints
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _evaluate(variant: str, dataset: str, classifier: str, clf_weights: str | None, data_dir: str | None, pt_path: Path, n: int) -> dict:
     """Clean and preprocessor-blind robust accuracy of the written flow, with the harness engine."""
     from harness.evaluation import RunConfig, resolve, run_job
@@ -297,9 +289,7 @@ def train_flowpure(
         raise HarnessError(f"steps={steps} is out of range (must be >= 1)")
     device = torch.device(device)
     name = weights_name(variant, dataset)
-    out_dir = Path(out).expanduser() if out is not None else WEIGHTS_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pt_path, json_path, ckpt_path = (out_dir / f"{name}{ext}" for ext in (".pt", ".json", ".ckpt"))
+    pt_path, json_path, ckpt_path = output_paths(out, name, ".pt", ".json", ".ckpt")
 
     clf_name = classifier or C.default_classifier(dataset)
     clf = C.load_classifier(clf_name, dataset=dataset, weights=classifier_weights, device=device)
@@ -315,13 +305,10 @@ def train_flowpure(
     # What a checkpoint must agree on to be resumed (steps may grow).
     run_id = {"variant": variant, "dataset": dataset, "classifier_sha256": clf.sha256, "seed": seed,
               "recipe": {k: v for k, v in asdict(recipe).items() if k not in ("steps", "ckpt_every")}}
-    run_id = json.loads(json.dumps(run_id))
     start_step, curve, elapsed = 0, [], 0.0
     window = [0.0, 0]  # loss sum and count since the last curve point
-    if resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ck.get("run_id") != run_id:
-            raise HarnessError(f"checkpoint '{ckpt_path}' belongs to another run (variant, classifier, seed or recipe differ); delete it or drop --resume")
+    ck = load_resume_checkpoint(ckpt_path, run_id, what="FlowPure") if resume else None
+    if ck is not None:
         velocity.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         gen.set_state(ck["generator"])
@@ -332,28 +319,19 @@ def train_flowpure(
         print(f"no checkpoint at {ckpt_path}; training {name} from scratch")
 
     def save_ckpt(step: int, spent: float) -> None:
-        _atomic_save(
-            {"run_id": run_id, "model": velocity.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+        atomic_save(
+            {"fingerprint": run_id, "model": velocity.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
              "step": step, "curve": curve, "window": window, "elapsed_s": spent},
             ckpt_path,
         )
 
-    # Ctrl-C stops at the end of the current step and checkpoints there, so --resume
-    # continues bit-identically (a checkpoint taken mid-step could not).
-    stop = {"asked": False}
-    restore = None
-    if threading.current_thread() is threading.main_thread():
-        def _ask_stop(signum, frame):
-            if stop["asked"]:  # a second Ctrl-C aborts at once
-                raise KeyboardInterrupt
-            stop["asked"] = True
-
-        restore = signal.signal(signal.SIGINT, _ask_stop)
     t0 = time.perf_counter()
     bar = tqdm(range(start_step, steps), desc=f"train {name}", unit="step", disable=None if progress else True, mininterval=1.0,
                initial=start_step, total=steps)
     running = None
-    try:
+    # Ctrl-C stops at the end of the current step and checkpoints there, so --resume
+    # continues bit-identically (a checkpoint taken mid-step could not).
+    with stop_on_sigint() as stop:
         for step in bar:
             velocity.train()
             idx = torch.randint(len(x_train), (recipe.batch_size,), generator=gen).to(device)
@@ -378,19 +356,15 @@ def train_flowpure(
                 bar.close()
                 print(f"interrupted after step {step + 1}; checkpoint {ckpt_path} (continue with --resume)")
                 raise KeyboardInterrupt
-    finally:
-        if restore is not None:
-            signal.signal(signal.SIGINT, restore)
     train_time = elapsed + time.perf_counter() - t0
 
     velocity = velocity.cpu().eval()
     state = {k: v.detach().clone().contiguous() for k, v in velocity.unet.state_dict().items()}
-    _atomic_save(state, pt_path)
+    atomic_save(state, pt_path)
 
     import diffusers
     import torchdiffeq
 
-    from harness.classifiers import sha256_file
 
     cw = recipe.cw
     sources = {
@@ -435,12 +409,12 @@ def train_flowpure(
         "eval": None,
     }
     # The defense reads the architecture from this json, so it must exist before the evaluation.
-    _atomic_write_text(json.dumps(record, indent=2) + "\n", json_path)
+    write_record(record, json_path)
     if ckpt_path.is_file():
         ckpt_path.unlink()  # the weights are written; a failed evaluation is redone with --eval-only
     if eval_n:
         record["eval"] = _evaluate(variant, dataset, clf.name, classifier_weights, data_dir, pt_path, eval_n)
-        _atomic_write_text(json.dumps(record, indent=2) + "\n", json_path)
+        write_record(record, json_path)
     return record
 
 
@@ -461,18 +435,16 @@ def reevaluate(
     Returns:
         The updated json dict.
     """
-    from harness.classifiers import sha256_file
 
     name = weights_name(variant, dataset)
-    out_dir = Path(out).expanduser() if out is not None else WEIGHTS_DIR
-    pt_path, json_path = out_dir / f"{name}.pt", out_dir / f"{name}.json"
+    pt_path, json_path = output_paths(out, name, ".pt", ".json")
     if not (pt_path.is_file() and json_path.is_file()):
         raise HarnessError(f"'{pt_path}' and its '{json_path.name}' are needed to re-evaluate; train them with `harness train flowpure --variant {variant} --dataset {dataset}`")
     record = json.loads(json_path.read_text())
     if record.get("sha256") != sha256_file(pt_path):
         raise HarnessError(f"'{pt_path.name}' does not match the sha256 in '{json_path.name}'; retrain instead of re-evaluating")
     record["eval"] = _evaluate(variant, dataset, record["classifier"]["name"], classifier_weights, data_dir, pt_path, eval_n)
-    _atomic_write_text(json.dumps(record, indent=2) + "\n", json_path)
+    write_record(record, json_path)
     return record
 
 
@@ -501,12 +473,11 @@ def _run(args: argparse.Namespace) -> int:
         args.variant, args.dataset, classifier=args.classifier, classifier_weights=args.weights, data_dir=args.data_dir,
         steps=args.steps, seed=args.seed, out=args.out, resume=args.resume, device=args.device, eval_n=args.eval_n,
     )
-    out_dir = Path(args.out).expanduser() if args.out is not None else WEIGHTS_DIR
     ev = rec["eval"]
     acc = f"; clean {ev['clean_accuracy']:.4f}, preprocessor-blind robust {ev['robust_accuracy']:.4f} (n={ev['n_examples']})" if ev else ""
     print(
         f"{rec['name']}: {rec['params']} parameters, {rec['training']['steps']} steps in {rec['train_time_s']:.1f}s, "
-        f"final CFM loss {rec['final_loss']}{acc}; wrote {out_dir / (rec['name'] + '.pt')} (sha256 {rec['sha256'][:12]}) and {rec['name']}.json"
+        f"final CFM loss {rec['final_loss']}{acc}; wrote {output_paths(args.out, rec['name'], '.pt')[0]} (sha256 {rec['sha256'][:12]}) and {rec['name']}.json"
     )
     return 0
 

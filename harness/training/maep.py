@@ -39,9 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,10 +49,11 @@ import torch
 from tqdm import tqdm
 
 from defenses.maep import ARCH_PRESETS, MAEArch, MaskedAutoencoder, checkpoint_dict, random_keep
-from harness.classifiers import WEIGHTS_DIR, default_classifier, load_classifier, sha256_file
+from harness.classifiers import default_classifier, load_classifier
 from harness.data import DATASETS, load_split
 from harness.core.registry import HarnessError
 from harness.training import TRAINERS, Trainer
+from harness.training.common import WEIGHTS_DIR, atomic_save, load_resume_checkpoint, output_paths, sha256_file, write_record
 from threat_models.attacks.pgd import pgd
 from threat_models.specs import DIGITS_LINF_EPS, MNIST_LINF_EPS
 
@@ -138,14 +137,6 @@ def make_adversarial(
     return torch.cat(out)
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    # Write then rename: an interrupted run never leaves a half-written file behind.
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-@torch.no_grad()
 def _mean_l1(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().mean())
 
@@ -264,9 +255,7 @@ def train_maep(
     warmup_steps = min(recipe.warmup_epochs * steps_per_epoch, max(1, total_steps // 2))
 
     name = f"maep-{dataset}"
-    out_dir = Path(out).expanduser() if out is not None else WEIGHTS_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pt_path, json_path, ckpt_path = out_dir / f"{name}.pt", out_dir / f"{name}.json", out_dir / f"{name}.ckpt"
+    pt_path, json_path, ckpt_path = output_paths(out, name, ".pt", ".json", ".ckpt")
     # What a checkpoint must agree on to be resumed (everything but the run's own state).
     fingerprint = {
         "recipe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(recipe).items()},
@@ -281,18 +270,10 @@ def train_maep(
     gens = {k: torch.Generator().manual_seed(seed * 1000 + i) for i, k in enumerate(("shuffle", "mask", "attack", "cache"))}
     start_epoch, loss_curve, elapsed = 0, [], 0.0
 
-    if resume and ckpt_path.is_file():
-        try:
-            ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise HarnessError(f"cannot read training checkpoint '{ckpt_path}': {str(exc).strip().splitlines()[0]}") from None
-        if not isinstance(ck, dict) or ck.get("format") != TRAIN_CHECKPOINT_FORMAT:
-            raise HarnessError(f"'{ckpt_path}' is not a MAEP training checkpoint")
-        if ck["fingerprint"] != json.loads(json.dumps(fingerprint)):
-            diff = sorted(k for k in fingerprint if ck["fingerprint"].get(k) != json.loads(json.dumps(fingerprint[k])))
-            raise HarnessError(
-                f"checkpoint '{ckpt_path}' was written by a different run ({', '.join(diff)} differ); delete it or rerun without --resume"
-            )
+    ck = load_resume_checkpoint(ckpt_path, fingerprint, what="MAEP") if resume else None
+    if ck is not None and ck.get("format") != TRAIN_CHECKPOINT_FORMAT:
+        raise HarnessError(f"'{ckpt_path}' is not a MAEP training checkpoint")
+    if ck is not None:
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
@@ -304,7 +285,7 @@ def train_maep(
         log(f"no checkpoint at {ckpt_path}; training {name} from scratch")
 
     def save_checkpoint(epoch: int, spent: float) -> None:
-        _atomic_save(
+        atomic_save(
             {
                 "format": TRAIN_CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch, "model": net.state_dict(),
                 "opt": opt.state_dict(), "sched": sched.state_dict(), "gens": {k: g.get_state() for k, g in gens.items()},
@@ -353,7 +334,7 @@ def train_maep(
     train_time = elapsed + time.perf_counter() - t0
 
     net = net.cpu().eval()
-    _atomic_save(checkpoint_dict(net), pt_path)
+    atomic_save(checkpoint_dict(net), pt_path)
     digest = sha256_file(pt_path)
 
     record: dict[str, Any] = {
@@ -419,9 +400,7 @@ def train_maep(
         flags.append(f"--n-train {n_train}")
     flags.append(f"--seed {seed} --threads {torch.get_num_threads()}")
     record["command"] = "harness train maep " + " ".join(flags)
-    tmp_json = json_path.with_name(json_path.name + ".tmp")
-    tmp_json.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp_json, json_path)
+    write_record(record, json_path)
     if ckpt_path.is_file():
         ckpt_path.unlink()
     return record
@@ -465,7 +444,6 @@ def _run(args: argparse.Namespace) -> int:
         adv=args.adv, pgd_steps=args.pgd_steps, arch=args.arch, n_train=args.n_train, seed=args.seed, out=args.out,
         resume=args.resume, checkpoint_every=args.checkpoint_every, eval_n=args.eval_n, device=args.device,
     )
-    out_dir = Path(args.out).expanduser() if args.out is not None else WEIGHTS_DIR
     line = f"{rec['name']}: final train l1 {rec['final_train_loss']:.4f} ({rec['epochs']} epochs, {rec['train_time_s']:.1f}s)"
     if "engine_eval" in rec:
         ev = rec["engine_eval"]
@@ -473,7 +451,7 @@ def _run(args: argparse.Namespace) -> int:
             f"; n={ev['n']}: clean {ev['maep']['clean_accuracy']:.4f}, preprocessor-blind robust {ev['maep']['robust_accuracy']:.4f}"
             f" (undefended {ev['undefended']['robust_accuracy']:.4f})"
         )
-    print(f"{line}; wrote {out_dir / (rec['name'] + '.pt')} (sha256 {rec['sha256'][:12]}) and {rec['name']}.json")
+    print(f"{line}; wrote {output_paths(args.out, rec['name'], '.pt')[0]} (sha256 {rec['sha256'][:12]}) and {rec['name']}.json")
     return 0
 
 

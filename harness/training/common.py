@@ -1,0 +1,100 @@
+"""What every trainer shares: the weights folder, atomic writes, recipes, resumable checkpoints.
+
+A trainer writes three files beside each other: ``<name>.pt`` (the weights, a plain
+state dict that ``torch.load(..., weights_only=True)`` opens), ``<name>.json`` (the
+recipe, training curve, sha256 of the ``.pt``, accuracies and the command that rewrites
+it) and, while it runs, ``<name>.ckpt`` (everything needed to resume bit-identically).
+Files are written to a temporary name and renamed, so an interrupted run never leaves
+a half-written file that a concurrent evaluation would load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from harness.core.env import WEIGHTS_DIR, sha256_file
+from harness.core.registry import HarnessError, first_line
+
+__all__ = [
+    "WEIGHTS_DIR", "atomic_save", "atomic_write_text", "load_resume_checkpoint", "output_paths", "sha256_file",
+    "stop_on_sigint", "write_record",
+]
+
+
+def output_paths(out: str | Path | None, name: str, *exts: str) -> tuple[Path, ...]:
+    """``<out>/<name><ext>`` for every extension; ``out=None`` is the shipped weights folder."""
+    out_dir = Path(out).expanduser() if out is not None else WEIGHTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return tuple(out_dir / f"{name}{ext}" for ext in exts)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file, then rename over ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    """Write text to a temporary file, then rename over ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_record(record: dict, json_path: Path) -> None:
+    """The recipe record beside the weights (indented JSON, atomically)."""
+    atomic_write_text(json.dumps(record, indent=2) + "\n", json_path)
+
+
+def load_resume_checkpoint(path: Path, fingerprint: Any, *, what: str) -> dict | None:
+    """The training checkpoint at ``path`` if it exists and was written by the same run.
+
+    ``fingerprint`` is what must agree for a resume to continue the same run (recipe,
+    data, seeds, victim classifier); a checkpoint from another run is a one-line error
+    naming what differs, never silently continued.
+    """
+    if not path.is_file():
+        return None
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise HarnessError(f"cannot read training checkpoint '{path}': {first_line(exc)}") from None
+    want = json.loads(json.dumps(fingerprint))
+    if not isinstance(ck, dict) or "fingerprint" not in ck:
+        raise HarnessError(f"'{path}' is not a {what} training checkpoint")
+    if ck["fingerprint"] != want:
+        if isinstance(want, dict) and isinstance(ck["fingerprint"], dict):
+            diff = ", ".join(sorted(k for k in want if ck["fingerprint"].get(k) != want[k])) or "fields"
+        else:
+            diff = "fields"
+        raise HarnessError(f"checkpoint '{path}' was written by a different run ({diff} differ); delete it or rerun without --resume")
+    return ck
+
+
+@contextmanager
+def stop_on_sigint() -> Iterator[dict]:
+    """Ctrl-C asks the training loop to stop at the end of the current step (``flag["asked"]``),
+    so it can checkpoint where ``--resume`` continues bit-identically; a second Ctrl-C aborts."""
+    flag = {"asked": False}
+    restore = None
+    if threading.current_thread() is threading.main_thread():
+        def _ask_stop(signum, frame):
+            if flag["asked"]:
+                raise KeyboardInterrupt
+            flag["asked"] = True
+
+        restore = signal.signal(signal.SIGINT, _ask_stop)
+    try:
+        yield flag
+    finally:
+        if restore is not None:
+            signal.signal(signal.SIGINT, restore)
