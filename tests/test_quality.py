@@ -30,9 +30,41 @@ def test_ssim_known_values():
     c1 = 0.01**2
     expected = (2 * a * b + c1) / (a * a + b * b + c1)
     got = ssim(torch.full((1, 1, 8, 8), a, dtype=torch.float64), torch.full((1, 1, 8, 8), b, dtype=torch.float64))
-    assert math.isclose(got.item(), expected, rel_tol=1e-5)
+    assert math.isclose(got.item(), expected, rel_tol=2e-5)  # pytorch-msssim builds its window in float32
     # a negated-contrast image is strongly dissimilar
     assert ssim(x, 1 - x).mean() < 0
+
+
+def _reference_ssim(a, b, win=11, sigma=1.5):
+    """The Wang et al. formula written out, to check the library against."""
+    import torch.nn.functional as F
+
+    c = a.shape[1]
+    size = min(win, a.shape[-1], a.shape[-2])
+    size -= size % 2 == 0
+    ax = torch.arange(size, dtype=a.dtype) - (size - 1) / 2
+    g = torch.exp(-(ax**2) / (2 * sigma**2))
+    g = g / g.sum()
+    w = (g[:, None] * g[None, :]).expand(c, 1, size, size)
+
+    def filt(t):
+        return F.conv2d(t, w, groups=c)
+
+    mu_a, mu_b = filt(a), filt(b)
+    s_aa, s_bb, s_ab = filt(a * a) - mu_a**2, filt(b * b) - mu_b**2, filt(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    return ((2 * mu_a * mu_b + c1) * (2 * s_ab + c2) / ((mu_a**2 + mu_b**2 + c1) * (s_aa + s_bb + c2))).flatten(1).mean(1)
+
+
+def test_ssim_is_the_formula_and_differentiable():
+    g = torch.Generator().manual_seed(0)
+    for shape in [(4, 1, 8, 8), (3, 3, 32, 32), (2, 1, 28, 28)]:
+        a = torch.rand(shape, generator=g)
+        b = (a + 0.1 * torch.randn(shape, generator=g)).clamp(0, 1)
+        torch.testing.assert_close(ssim(a, b), _reference_ssim(a, b), atol=1e-6, rtol=1e-5)
+    a = torch.rand(2, 1, 8, 8, generator=g, dtype=torch.float64).requires_grad_(True)
+    b = torch.rand(2, 1, 8, 8, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: ssim(t, b), (a,))
 
 
 def test_every_job_stores_image_quality(tmp_path):
