@@ -38,6 +38,7 @@ from defenses.networks.ncsnpp import (
 from harness.core.defense import SetupContext
 from harness.core.env import sha256_file
 from harness.core.registry import HarnessError
+from threat_models.specs import canonical_float
 
 # name -> (fixture stem of the full-size model, reduced stem, config flavour, preset)
 MODELS = {
@@ -535,3 +536,92 @@ def test_harness_run_drives_diffpure_and_coup_with_a_score_sde_checkpoint(fx, sh
         assert ident["config"]["backbone"] == "ncsnpp" and ident["config"]["model_path"] == str(ckpt)
         assert ident["backbone_source"]["file_sha256"] == sha256_file(ckpt)
         assert shown["nfe"]["nfe_per_purification"] == 1
+
+
+# --------------------------------------------------------------------------- the paper grid and the published table
+REPO = Path(__file__).resolve().parents[1]
+PAPER_GRID, ADAPTIVE_GRID, PUBLISHED = (REPO / "grids" / "paper-cifar10.yaml", REPO / "grids" / "paper-cifar10-adaptive.yaml",
+                                        REPO / "tables" / "published.csv")
+
+
+def grid_cells(path: Path) -> list[dict]:
+    """Every cell of a grid file the harness accepts, resolved as far as it goes without data, classifier or weights."""
+    from harness.core.config import build_config
+    from harness.core.defense import DEFENSES
+    from harness.core.plugins import load_builtin
+    from harness.data import DATASETS
+    from harness.evaluation.plan import IncompatibleError, build_plan
+    from harness.evaluation.resolve import _default_n, split_overrides
+    from harness.scheduler import load_grid
+    from harness.scheduler.cells import expand
+    from threat_models.specs import THREATS
+
+    load_builtin()
+    cells = []
+    for cfg in expand(load_grid(path)):
+        cls, info = DEFENSES.get(cfg.defense), DATASETS.get(cfg.dataset)
+        routed = split_overrides(cfg.overrides, cls)
+        spec = THREATS.get(cfg.threat).resolve(info.family, routed.threat_values())
+        try:
+            plan = build_plan(cls, spec)
+        except IncompatibleError:
+            continue  # refused pairs (AutoAttack-standard against a stochastic purifier) are listed as skipped
+        n = cfg.n_examples or _default_n(cls, plan, info)[0] or info.default_n
+        cells.append({"cfg": cfg, "spec": spec, "plan": plan, "n": n,
+                      "defense": build_config(cls.Config, routed.defense, owner=cfg.defense)})
+    return cells
+
+
+def _matches(row: dict, cell: dict) -> bool:
+    c = cell["cfg"]
+    return ((row["defense"], row["threat"], row["dataset"], row["classifier"], row["norm"]) ==
+            (c.defense, c.threat, c.dataset, c.classifier, cell["spec"].norm)
+            and abs(float(row["eps"]) - cell["spec"].eps) < 1e-9 and int(row["n_examples"]) == cell["n"])
+
+
+def test_published_rows_name_exactly_one_paper_grid_cell_run_as_the_papers_did():
+    import csv
+
+    from harness.store.check import load_table
+    from threat_models.scoring import RULES
+
+    load_table(PUBLISHED)  # the `harness check` format
+    rows = list(csv.DictReader(PUBLISHED.open()))
+    paper, adaptive = grid_cells(PAPER_GRID), grid_cells(ADAPTIVE_GRID)
+    assert {c["n"] for c in paper} == {512} and {c["cfg"].data_seed for c in paper} == {0}
+    assert len(paper) == 10 and len(adaptive) == 4
+    for row in rows:
+        assert row["metric"] in {f"{m}_accuracy_{r}" for m in ("clean", "robust") for r in RULES}
+        found = [c for c in paper if _matches(row, c)]
+        assert len(found) == 1, row
+        assert not [c for c in adaptive if _matches(row, c)], row  # `harness check` would take the latest of several
+        cell = found[0]
+        d, spec = cell["defense"], cell["spec"]
+        assert d.backbone == "ncsnpp" and d.model_path.endswith("checkpoint_8.pth")
+        assert d.t_star == {"linf": 0.1, "l2": 0.075}[spec.norm] and spec.eps == {"linf": canonical_float(8 / 255), "l2": 0.5}[spec.norm]
+        if row["threat"] == "adaptive":  # AutoAttack-rand through the adjoint, as published; COUP's official adjoint
+            assert spec.attacks == ("autoattack-rand",) and cell["plan"].main_path.value == "adjoint" and not cell["plan"].also_paths
+            assert [p.label for p in cell["plan"].attacks] == ["apgd-ce", "apgd-dlr"]
+            assert spec.eot_samples == 20 and spec.apgd_steps == 100
+            if row["defense"] == "coup":
+                assert d.detach_guidance is True
+        if row["threat"] == "bpda":
+            assert (spec.steps, spec.eot_samples, spec.eot_reduce, spec.random_start) == (50, 15, "logits", False)
+    for c in adaptive:  # the harness's own: exact gradient, then BPDA, on 64 images
+        assert c["plan"].main_path.value == "full" and [p.value for p in c["plan"].also_paths] == ["bpda"] and c["n"] == 64
+        assert c["defense"].t_star == {"linf": 0.1, "l2": 0.075}[c["spec"].norm]
+
+
+def test_paper_grid_dry_run_names_the_missing_checkpoint_and_where_to_get_it(tmp_path, monkeypatch, capsys):
+    """Offline and with nothing supplied: every cell is listed, skipped with a one-line reason naming the file."""
+    from harness.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["grid", str(PAPER_GRID), "--dry-run", "--db", str(tmp_path / "dry.db")]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  ")]
+    assert len(lines) == 14 and all(ln.split()[0] == "skip" for ln in lines)
+    missing = [ln for ln in lines if "checkpoint_8.pth" in ln]
+    refused = [ln for ln in lines if "autoattack-standard" in ln]
+    assert len(missing) == 10 and len(refused) == 4
+    want = str(tmp_path / "pretrained" / "score_sde" / "checkpoint_8.pth")
+    assert all(want in ln and "16_-Ahc6ImZV5ClUc0vM5Iivf8OJ1VSif" in ln and "DiffPure README" in ln for ln in missing)

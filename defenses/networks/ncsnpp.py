@@ -358,7 +358,7 @@ class ConsistencyFunction(nn.Module):
 # --------------------------------------------------------------------------- checkpoints
 #: Where DiffPure's CIFAR-10 score model comes from (spec section 1; linked from the NVlabs/DiffPure README).
 SCORE_SDE_SOURCE = (
-    "Google Drive id 16_-Ahc6ImZV5ClUc0vM5Iivf8OJ1VSif, the score_sde checkpoint linked from the NVlabs/DiffPure README"
+    "Google Drive id 16_-Ahc6ImZV5ClUc0vM5Iivf8OJ1VSif, linked from the NVlabs/DiffPure README"
 )
 
 
