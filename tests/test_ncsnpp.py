@@ -123,9 +123,11 @@ def _describe(mod: nn.Module) -> tuple:
     if isinstance(mod, L.AttnBlockpp):
         return "AttnBlockpp", {"skip_rescale": mod.skip_rescale}
     if isinstance(mod, L.Downsample):
-        return "Downsample", dict(fir=mod.fir, fir_kernel=list(mod.fir_taps), with_conv=mod.with_conv, out_ch=mod.Conv2d_0.weight.shape[0])
+        out_ch = mod.Conv2d_0.weight.shape[0]
+        return "Downsample", dict(fir=mod.fir, fir_kernel=list(mod.fir_taps), with_conv=mod.with_conv, out_ch=out_ch)
     if isinstance(mod, L.FIRConv2d):
-        return "Conv2d", dict(up=mod.up, down=mod.down, kernel=mod.kernel, resample_kernel=list(mod.fir_taps), use_bias=mod.bias is not None)
+        taps = list(mod.fir_taps)
+        return "Conv2d", dict(up=mod.up, down=mod.down, kernel=mod.kernel, resample_kernel=taps, use_bias=mod.bias is not None)
     return type(mod).__name__, None
 
 
@@ -190,8 +192,8 @@ def test_forward_calls_every_module_in_reference_order_with_reference_statistics
     assert [list(o.shape) for _, o in calls] == d["trace_output_shape"]
     ref_cls = d["trace_module_class"]
     assert [_describe(net.all_modules[i])[0] for i, _ in calls] == ref_cls
-    stats = torch.stack([torch.stack([o.double().mean(), o.double().std(), o.double().abs().mean(), o.double().min(), o.double().max()])
-                         for _, o in calls])
+    stats = torch.tensor([[o.mean(), o.std(), o.abs().mean(), o.min(), o.max()] for o in (o.double() for _, o in calls)],
+                         dtype=torch.float64)
     torch.testing.assert_close(stats, d["trace_output_stats_mean_std_absmean_min_max"], atol=1e-4, rtol=1e-5)
 
 
@@ -272,7 +274,8 @@ def test_fir_resampling_ops():
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     kk = torch.rand(4, 4, dtype=torch.float64)  # asymmetric: a correlation would differ from the convolution
     for up, down, p0, p1 in ((2, 1, 2, 1), (1, 2, 1, 1), (1, 1, 2, 2), (2, 2, 1, 2), (1, 1, -1, 1)):
-        torch.testing.assert_close(L.upfirdn2d(x, kk, up, down, (p0, p1)), _upfirdn_loop(x, kk, up, down, p0, p1), rtol=0, atol=1e-12)
+        want = _upfirdn_loop(x, kk, up, down, p0, p1)
+        torch.testing.assert_close(L.upfirdn2d(x, kk, up, down, (p0, p1)), want, rtol=0, atol=1e-12)
     k = L.fir_kernel_2d([1, 3, 3, 1]).double()
     assert k.sum().item() == 1.0 and torch.equal(k, k.T)
     ones = torch.ones(1, 1, 8, 8, dtype=torch.float64)
@@ -294,7 +297,9 @@ TINY = dict(image_size=8, nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutio
 
 @pytest.mark.parametrize("fir", [False, True])
 @pytest.mark.parametrize("progressive", ["none", "output_skip", "residual"])
-@pytest.mark.parametrize("progressive_input,combine", [("none", "sum"), ("input_skip", "sum"), ("input_skip", "cat"), ("residual", "sum")])
+@pytest.mark.parametrize(
+    "progressive_input,combine", [("none", "sum"), ("input_skip", "sum"), ("input_skip", "cat"), ("residual", "sum")]
+)
 def test_progressive_variants_use_every_module_and_parameter(fir, progressive, progressive_input, combine):
     """Variants no fixture covers: the forward consumes the whole module list and every trainable parameter gets a gradient."""
     torch.manual_seed(0)
@@ -334,8 +339,8 @@ def test_buffers_move_with_the_module_and_the_forward_stays_on_its_device():
         ddpm = NCSNpp(DDPMPP_DEEP_CONTINUOUS)
     ddpm.to("meta")
     assert ddpm(x, torch.empty(2, device="meta")).shape == (2, 3, 32, 32)
-    half = NCSNpp(NCSNppConfig(**TINY, fir=True)).double()
-    assert all(b.dtype == torch.float64 for b in half.buffers())
+    net64 = NCSNpp(NCSNppConfig(**TINY, fir=True)).double()
+    assert all(b.dtype == torch.float64 for b in net64.buffers())
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -351,7 +356,7 @@ def save_score_sde_checkpoint(fx: Path, path: Path, *, perturb: float = 0.0, sid
     net = small_net(fx, "ddpmpp")
     shadow = [p.detach().clone() for p in net.parameters() if p.requires_grad]
     shadow[5].add_(perturb)
-    raw = {f"module.{k}": (v * 0.5 if v.is_floating_point() and v.dtype == torch.float32 else v) for k, v in net.state_dict().items()}
+    raw = {f"module.{k}": (v * 0.5 if v.dtype == torch.float32 else v) for k, v in net.state_dict().items()}
     opt = torch.optim.Adam(net.parameters(), lr=2e-4)
     net(torch.zeros(1, 3, 32, 32), torch.tensor([1.0])).sum().backward()
     opt.step()
@@ -386,11 +391,12 @@ def test_score_sde_checkpoint_loads_the_ema_weights(fx, tmp_path, one_thread):
 
 
 def test_ema_checkpoint_takes_the_fixed_fourier_frequencies_from_its_model_entry(fx, tmp_path, one_thread):
-    """A Fourier-embedding NCSN++ saved by score_sde: its EMA skips the frozen W, which comes from 'model' as in restore_checkpoint."""
+    """A Fourier-embedding NCSN++ saved by score_sde: its EMA skips the frozen W, which comes from 'model' (restore_checkpoint)."""
     net = small_net(fx, "cm")
     shadow = [p.detach().clone() for p in net.parameters() if p.requires_grad]
     ckpt = tmp_path / "ve.pth"
-    torch.save({"model": {f"module.{k}": v for k, v in net.state_dict().items()}, "ema": {"shadow_params": shadow}, "step": 1}, ckpt)
+    model = {f"module.{k}": v for k, v in net.state_dict().items()}
+    torch.save({"model": model, "ema": {"shadow_params": shadow}, "step": 1}, ckpt)
     loaded, _ = load_score_sde_checkpoint(ckpt, small_config(fx, "cm"))
     d = io(fx, "cm")
     with torch.no_grad():
@@ -445,7 +451,8 @@ def test_cm_loader_on_a_converted_state_dict(fx, tmp_path, one_thread):
 
 # --------------------------------------------------------------------------- the purifiers with an NCSN++ backbone
 def _cifar_ctx(weights_dir=None, classifier=None):
-    return SetupContext(classifier=classifier, dataset="cifar10", image_shape=(3, 32, 32), num_classes=10, weights_dir=weights_dir)
+    return SetupContext(classifier=classifier, dataset="cifar10", image_shape=(3, 32, 32), num_classes=10,
+                        weights_dir=weights_dir)
 
 
 def _clf():
@@ -499,11 +506,15 @@ def test_ncsnpp_is_found_in_the_weights_dir_and_missing_files_are_one_line_error
     d = COUP.from_dict({**FAST["coup"], "backbone": "ncsnpp"})
     d.setup(_cifar_ctx(tmp_path / "w", _clf()))
     assert d.backbone_source["name"] == "checkpoint_8.pth"
+    with pytest.raises(HarnessError, match="takes 3x32x32 images but dataset 'digits' has 1x8x8"):
+        DiffPure.from_dict({"backbone": "ncsnpp", "model_path": str(tmp_path / "w" / "score_sde" / "checkpoint_8.pth")}).setup(
+            SetupContext(classifier=None, dataset="digits", image_shape=(1, 8, 8), num_classes=10))
     # nothing in the weights dir: the message names the place and the source
     with pytest.raises(HarnessError) as err:
         DiffPure.from_dict({"backbone": "ncsnpp"}).setup(_cifar_ctx(tmp_path / "empty"))
     msg = str(err.value)
-    assert "\n" not in msg and f"{tmp_path / 'empty'}/score_sde/checkpoint_8.pth" in msg and "16_-Ahc6ImZV5ClUc0vM5Iivf8OJ1VSif" in msg
+    assert "\n" not in msg and f"{tmp_path / 'empty'}/score_sde/checkpoint_8.pth" in msg
+    assert "16_-Ahc6ImZV5ClUc0vM5Iivf8OJ1VSif" in msg
     # a model_path naming nothing fails when the defense is built (before data and classifier are loaded)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(HarnessError) as err:
@@ -598,9 +609,11 @@ def test_published_rows_name_exactly_one_paper_grid_cell_run_as_the_papers_did()
         cell = found[0]
         d, spec = cell["defense"], cell["spec"]
         assert d.backbone == "ncsnpp" and d.model_path.endswith("checkpoint_8.pth")
-        assert d.t_star == {"linf": 0.1, "l2": 0.075}[spec.norm] and spec.eps == {"linf": canonical_float(8 / 255), "l2": 0.5}[spec.norm]
+        assert d.t_star == {"linf": 0.1, "l2": 0.075}[spec.norm]
+        assert spec.eps == {"linf": canonical_float(8 / 255), "l2": 0.5}[spec.norm]
         if row["threat"] == "adaptive":  # AutoAttack-rand through the adjoint, as published; COUP's official adjoint
-            assert spec.attacks == ("autoattack-rand",) and cell["plan"].main_path.value == "adjoint" and not cell["plan"].also_paths
+            assert spec.attacks == ("autoattack-rand",) and cell["plan"].main_path.value == "adjoint"
+            assert not cell["plan"].also_paths
             assert [p.label for p in cell["plan"].attacks] == ["apgd-ce", "apgd-dlr"]
             assert spec.eot_samples == 20 and spec.apgd_steps == 100
             if row["defense"] == "coup":
