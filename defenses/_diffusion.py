@@ -14,7 +14,10 @@ uses the *discrete* alpha_bar and the reverse SDE the *continuous* one.
 instances (:func:`load_backbone`): the public ``google/ddpm-cifar10-32`` (a local
 diffusers folder or the Hugging Face cache, never downloaded at run time) and the small
 UNets shipped in ``harness/weights`` (``<name>.pt`` state_dict + ``<name>.json`` recipe
-with the architecture and sha256), trained by ``harness train diffusion``.
+with the architecture and sha256), trained by ``harness train diffusion``. With
+``backbone=ncsnpp`` it is the papers' own network: the score-SDE DDPM++ of DiffPure's
+``checkpoint_8.pth`` (:mod:`defenses.networks.ncsnpp`, EMA weights), which takes
+``(x, 999 t)`` (or the DDPM step index) and returns eps, the interface of :class:`EpsNet`.
 
 **Reverse SDE and its noise.** :class:`ReverseVPSDE` integrates the (optionally
 classifier-guided) reverse VP-SDE with Euler-Maruyama. Solver time is the *step index*
@@ -39,7 +42,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +113,17 @@ SHIPPED_BACKBONES: dict[str, str] = {"digits": "digits-ddpm"}
 HF_BACKBONES: dict[str, tuple[str, str]] = {"cifar10": ("google/ddpm-cifar10-32", "ddpm-cifar10-32")}
 #: Hugging Face cache to search (None = the hub's default, HF_HUB_CACHE / HF_HOME); nothing is downloaded.
 HF_CACHE_DIR: str | None = None
+#: Datasets with a published score-SDE NCSN++ checkpoint (``backbone=ncsnpp``): dataset -> file name, searched as
+#: ``WEIGHTS_DIR/score_sde/<file>`` (DiffPure's ``pretrained/score_sde/`` layout), then ``WEIGHTS_DIR/<file>``.
+NCSNPP_BACKBONES: dict[str, str] = {"cifar10": "checkpoint_8.pth"}
+
+#: Network families of ``model_path`` (the diffusion defenses' ``backbone`` option).
+Backbone = Literal["unet2d", "ncsnpp"]
+BACKBONE_HELP = (
+    "network of model_path: unet2d (a diffusers UNet2DModel folder, or .pt with its .json recipe) or ncsnpp "
+    "(a score_sde_pytorch checkpoint: DiffPure's CIFAR-10 checkpoint_8.pth, DDPM++ deep continuous, EMA weights)"
+)
+MODEL_PATH_HELP = "diffusers UNet2DModel folder, or .pt with its .json recipe; with backbone=ncsnpp a score-SDE checkpoint"
 
 
 
@@ -209,13 +223,53 @@ def _state_sha256(net: nn.Module) -> str:
     return h.hexdigest()
 
 
-def load_backbone(dataset: str, model_path: str | None, weights_dir: Path | None) -> tuple[nn.Module, dict[str, Any]]:
-    """Find and load the noise-prediction UNet of a dataset.
+def check_model_path(model_path: str | None, backbone: str = "unet2d") -> None:
+    """A one-line error when ``model_path`` names nothing (run when a defense is built, before data and classifier load)."""
+    if not model_path:
+        return
+    p = Path(model_path).expanduser()
+    if p.exists():
+        return
+    if backbone == "ncsnpp":
+        from defenses.networks.ncsnpp import missing_checkpoint
 
-    Order: ``model_path`` (a diffusers folder, or a ``.pt`` with its ``.json`` recipe);
-    then, for datasets with a shipped backbone, ``weights_dir/<name>.pt`` and the shipped
-    file; for CIFAR-10, ``weights_dir/ddpm-cifar10-32`` (or ``weights_dir`` itself) and
-    the Hugging Face cache (``local_files_only``).
+        raise missing_checkpoint(p)
+    raise HarnessError(f"model_path '{p}' does not exist (give a diffusers UNet2DModel folder or a .pt with its .json recipe)")
+
+
+def load_ncsnpp_backbone(dataset: str, model_path: str | None, weights_dir: Path | None) -> tuple[nn.Module, dict[str, Any]]:
+    """The score-SDE NCSN++ of ``model_path``, else ``weights_dir/score_sde/<file>``, else ``weights_dir/<file>``.
+
+    ``<file>`` is the dataset's published checkpoint (:data:`NCSNPP_BACKBONES`).
+    """
+    from defenses.networks.ncsnpp import SCORE_SDE_SOURCE, load_score_sde_checkpoint
+
+    if model_path:
+        return load_score_sde_checkpoint(model_path)
+    name = NCSNPP_BACKBONES.get(dataset)
+    if name is None:
+        raise HarnessError(f"no score-SDE NCSN++ checkpoint is known for dataset '{dataset}': pass --set model_path=FILE")
+    for cand in ([Path(weights_dir) / "score_sde" / name, Path(weights_dir) / name] if weights_dir else []):
+        if cand.is_file():
+            return load_score_sde_checkpoint(cand)
+    where = f"{weights_dir}/score_sde/{name}" if weights_dir else f"WEIGHTS_DIR/score_sde/{name}"
+    raise HarnessError(
+        f"score-SDE checkpoint {name} for '{dataset}' not found: put it at {where} and pass --weights-dir, "
+        f"or pass --set model_path=FILE ({SCORE_SDE_SOURCE})"
+    )
+
+
+def load_backbone(
+    dataset: str, model_path: str | None, weights_dir: Path | None, backbone: str = "unet2d"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Find and load the noise-prediction network of a dataset.
+
+    ``backbone="ncsnpp"``: a score-SDE checkpoint (:func:`load_ncsnpp_backbone`).
+    Otherwise a UNet, in this order: ``model_path`` (a diffusers folder, or a ``.pt`` with
+    its ``.json`` recipe); then, for datasets with a shipped backbone,
+    ``weights_dir/<name>.pt`` and the shipped file; for CIFAR-10,
+    ``weights_dir/ddpm-cifar10-32`` (or ``weights_dir`` itself) and the Hugging Face cache
+    (``local_files_only``).
 
     Returns:
         ``(unet, source)``; ``source`` (kind, name, sha256) enters the defense identity.
@@ -223,13 +277,12 @@ def load_backbone(dataset: str, model_path: str | None, weights_dir: Path | None
     Raises:
         HarnessError: one line naming what to supply when nothing is found.
     """
+    if backbone == "ncsnpp":
+        return load_ncsnpp_backbone(dataset, model_path, weights_dir)
     if model_path:
+        check_model_path(model_path, backbone)
         p = Path(model_path).expanduser()
-        if p.is_file():
-            return load_recipe_checkpoint(p)
-        if p.is_dir():
-            return load_diffusers_folder(p)
-        raise HarnessError(f"model_path '{p}' does not exist (give a diffusers UNet2DModel folder or a .pt with its .json recipe)")
+        return load_recipe_checkpoint(p) if p.is_file() else load_diffusers_folder(p)
     if dataset in SHIPPED_BACKBONES:
         stem = SHIPPED_BACKBONES[dataset]
         for folder in ([weights_dir] if weights_dir else []) + [shipped_weights_dir()]:
@@ -568,6 +621,7 @@ class DiffusionDefense(Defense):
 
     def __init__(self, config=None):
         super().__init__(config)
+        check_model_path(getattr(self.config, "model_path", None), getattr(self.config, "backbone", "unet2d"))
         self.eps_net: EpsNet | None = None
         self.backbone_source: dict[str, Any] | None = None
         self.image_shape: tuple[int, int, int] | None = None
@@ -612,14 +666,20 @@ class DiffusionDefense(Defense):
         self._resolve_for(ctx.dataset)
         self.image_shape = tuple(ctx.image_shape)
         if self.eps_net is None:
-            net, source = load_backbone(ctx.dataset, getattr(self.config, "model_path", None), ctx.weights_dir)
+            cfg = self.config
+            net, source = load_backbone(
+                ctx.dataset, getattr(cfg, "model_path", None), ctx.weights_dir, getattr(cfg, "backbone", "unet2d")
+            )
             check_backbone_fits(net, self.image_shape, ctx.dataset)
             self.use_backbone(net, source)
         self.to(ctx.device)
 
     def identity(self) -> dict[str, Any]:
         out = super().identity()
-        out["backbone"] = None if self.backbone_source is None else self.backbone_source["weights_sha256"]
+        src = self.backbone_source
+        out["backbone"] = None if src is None else src["weights_sha256"]
+        if src is not None and src.get("identity"):
+            out["backbone_source"] = src["identity"]  # an NCSN++ checkpoint: file sha256, weights used, architecture, code
         return out
 
     def _net(self) -> EpsNet:

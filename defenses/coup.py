@@ -38,7 +38,10 @@ import torch
 from torch import nn
 
 from defenses._diffusion import (
+    BACKBONE_HELP,
+    MODEL_PATH_HELP,
     T_END,
+    Backbone,
     DiffusionDefense,
     ReverseVPSDE,
     draw_noise,
@@ -69,7 +72,8 @@ class COUPConfig(DefenseConfig):
     checkpoint: bool | None = field(
         default=None, metadata={"help": "gradient checkpointing per solver step on the 'full' path (memory flat in the steps)" + _DATASET_HELP}
     )
-    model_path: str | None = field(default=None, metadata={"help": "diffusers UNet2DModel folder, or .pt with its .json recipe"})
+    model_path: str | None = field(default=None, metadata={"help": MODEL_PATH_HELP})
+    backbone: Backbone = field(default="unet2d", metadata={"help": BACKBONE_HELP})
 
     def __post_init__(self):
         if self.t_star is not None and not (self.t_end < self.t_star <= 1.0):

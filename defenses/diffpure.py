@@ -39,7 +39,10 @@ from dataclasses import dataclass, field
 import torch
 
 from defenses._diffusion import (
+    BACKBONE_HELP,
+    MODEL_PATH_HELP,
     T_END,
+    Backbone,
     DDPMSampler,
     DiffusionDefense,
     ReverseVPSDE,
@@ -69,7 +72,8 @@ class DiffPureConfig(DefenseConfig):
     checkpoint: bool | None = field(
         default=None, metadata={"help": "gradient checkpointing per solver step on the 'full' path (memory flat in the steps)" + _DATASET_HELP}
     )
-    model_path: str | None = field(default=None, metadata={"help": "diffusers UNet2DModel folder, or .pt with its .json recipe"})
+    model_path: str | None = field(default=None, metadata={"help": MODEL_PATH_HELP})
+    backbone: Backbone = field(default="unet2d", metadata={"help": BACKBONE_HELP})
 
     def __post_init__(self):
         if self.t_star is not None:
@@ -160,7 +164,8 @@ class DiffPureDDPMConfig(DefenseConfig):
     checkpoint: bool | None = field(
         default=None, metadata={"help": "gradient checkpointing per denoising step on the 'full' path (memory flat in the steps)" + _DATASET_HELP}
     )
-    model_path: str | None = field(default=None, metadata={"help": "diffusers UNet2DModel folder, or .pt with its .json recipe"})
+    model_path: str | None = field(default=None, metadata={"help": MODEL_PATH_HELP})
+    backbone: Backbone = field(default="unet2d", metadata={"help": BACKBONE_HELP})
 
     def __post_init__(self):
         if self.max_timestep is not None and not 1 <= self.max_timestep <= 1000:
