@@ -25,11 +25,11 @@ import defenses  # noqa: F401  (registers the defenses)
 from defenses import _diffusion as D
 from defenses.coup import COUP
 from defenses.diffpure import DiffPure, DiffPureDDPM
+from defenses._consistency import ConsistencyFunction
 from defenses.networks import layers as L
 from defenses.networks.ncsnpp import (
     CM_CIFAR10,
     DDPMPP_DEEP_CONTINUOUS,
-    ConsistencyFunction,
     NCSNpp,
     NCSNppConfig,
     load_cm_ncsnpp,

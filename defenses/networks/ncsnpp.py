@@ -23,7 +23,7 @@ first, then the flat ``all_modules`` list), so the authors' files load with
 - Consistency model (LYMDLUT's PyTorch port of openai/consistency_models_cifar10):
   ``F = net(x / sqrt(t^2 + 0.25), 0.25 log t)``, the time fed straight to the Fourier
   features (``fourier_log_time=False``; score_sde_pytorch takes the log itself);
-  :class:`ConsistencyFunction` adds the ``c_skip`` / ``c_out`` parameterisation.
+  :class:`defenses._consistency.ConsistencyFunction` adds the ``c_skip`` / ``c_out`` parameterisation.
 
 Checkpoints (all read with ``torch.load(..., weights_only=True)``):
 
@@ -324,37 +324,6 @@ class NCSNpp(nn.Module):
 
 
 # --------------------------------------------------------------------------- parameterisations
-class ConsistencyFunction(nn.Module):
-    """The consistency model ``f(x, t) = c_skip(t) x + c_out(t) F(c_in(t) x, 0.25 log t)`` (CD/CT, Song et al. 2023).
-
-    ``c_in = 1/sqrt(t^2 + s^2)``, ``c_skip = s^2 / ((t - t_min)^2 + s^2)``,
-    ``c_out = (t - t_min) s / sqrt(t^2 + s^2)`` (the square root uses t, not t - t_min),
-    with sigma_data s = 0.5 and t_min = 0.002 (openai ``jcm/models/utils.py``
-    ``get_distiller_fn``). x is in [-1, 1] plus noise of std t.
-
-    Shape:
-        x: (B, C, H, W); t: (B,) noise levels in [t_min, t_max] -> (B, C, H, W).
-    """
-
-    def __init__(self, net: nn.Module, sigma_data: float = 0.5, t_min: float = 0.002):
-        super().__init__()
-        self.net, self.sigma_data, self.t_min = net, float(sigma_data), float(t_min)
-
-    def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(c_in, c_skip, c_out)`` per sample, shaped (B,)."""
-        s2 = self.sigma_data**2
-        c_in = 1.0 / torch.sqrt(t**2 + s2)
-        c_skip = s2 / ((t - self.t_min) ** 2 + s2)
-        c_out = (t - self.t_min) * self.sigma_data / torch.sqrt(t**2 + s2)
-        return c_in, c_skip, c_out
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        c_in, c_skip, c_out = self.coefficients(t)
-        per = (-1,) + (1,) * (x.ndim - 1)
-        out = self.net(x * c_in.reshape(per), 0.25 * torch.log(t))
-        return c_skip.reshape(per) * x + c_out.reshape(per) * out
-
-
 # --------------------------------------------------------------------------- checkpoints
 #: Where DiffPure's CIFAR-10 score model comes from (spec section 1; linked from the NVlabs/DiffPure README).
 SCORE_SDE_SOURCE = (
@@ -508,7 +477,7 @@ def load_cm_ncsnpp(path: str | Path, config: NCSNppConfig | None = None) -> tupl
     Fourier frequencies ``all_modules.0.W`` come from the file like every other tensor
     (an EMA ``shadow_params`` list would leave them out, so that layout is refused). The
     architecture is ``config``, else ``<stem>.json`` beside the file, else
-    :data:`CM_CIFAR10`. Wrap the result in :class:`ConsistencyFunction` for ``f(x, t)``.
+    :data:`CM_CIFAR10`. Wrap the result in :class:`defenses._consistency.ConsistencyFunction` for ``f(x, t)``.
 
     Returns:
         ``(net, source)`` as :func:`load_score_sde_checkpoint`; ``net`` in eval mode.

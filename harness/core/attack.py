@@ -101,7 +101,12 @@ class AttackRandomness:
 
 
 class AttackedModel(Protocol):
-    """The defended forward an attack differentiates through (see harness.evaluation.forward)."""
+    """The defended forward an attack differentiates through (see harness.evaluation.forward).
+
+    Attacks that require a defense capability (``requires``) reach the defense, the
+    classifier and the path's generator as ``model.defense``, ``model.classifier`` and
+    ``model.generator``.
+    """
 
     stochastic: bool
     eot_samples: int
@@ -127,6 +132,9 @@ class Attack:
     eot: ClassVar[EOTMode] = "batched"
     requires: ClassVar[frozenset[str]] = frozenset()
     minimum_norm: ClassVar[bool] = False
+    #: What one step costs when that is not what its gradient path says (an attack that
+    #: differentiates through a defense's own generator declares ``CostLevel.GRADIENT``).
+    cost_level: ClassVar[Any] = None
 
     def __init__(self, spec: Any, config: AttackConfig | None = None):
         self.spec = spec
@@ -165,6 +173,7 @@ class Attack:
             "eot": cls.eot,
             "requires": sorted(cls.requires),
             "minimum_norm": cls.minimum_norm,
+            "cost_level": None if cls.cost_level is None else str(cls.cost_level),
             "version": cls.version,
         }
 

@@ -167,6 +167,10 @@ class Defense(nn.Module):
     #: diffusion purifiers under adaptive attacks). The run prints it and the subset
     #: enters the job identity.
     default_examples: ClassVar[dict[str, int]] = {}
+    #: Further paths a threat that asks for the strongest path (``gradient_path=auto``)
+    #: also attacks through, before the threat's own ``also_paths``: for defenses whose
+    #: exact gradient is costly or weak (CMAP adds its one-step surrogate).
+    also_attack_through: ClassVar[tuple[GradientPath, ...]] = ()
     #: Network evaluations of the generative model per purification call (batch level).
     nfe_per_call: int = 0
     #: Lines :meth:`setup` sets to say what it chose that the user did not (per-dataset

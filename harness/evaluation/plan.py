@@ -61,11 +61,16 @@ class AttackPlan:
 
     def cost_level(self) -> CostLevel:
         """What the most expensive planned attack pays for per step (keys ``default_examples``)."""
-        if any(p.path in (GradientPath.FULL, GradientPath.ADJOINT, GradientPath.SURROGATE) for p in self.attacks):
-            return CostLevel.GRADIENT
-        if any(p.path is not GradientPath.CLASSIFIER for p in self.attacks):
-            return CostLevel.FORWARD
-        return CostLevel.CLASSIFIER
+        order = [CostLevel.CLASSIFIER, CostLevel.FORWARD, CostLevel.GRADIENT]
+
+        def level(p: PlannedAttack) -> CostLevel:
+            if p.attack.cost_level is not None:
+                return CostLevel(p.attack.cost_level)
+            if p.path in (GradientPath.FULL, GradientPath.ADJOINT, GradientPath.SURROGATE):
+                return CostLevel.GRADIENT
+            return CostLevel.CLASSIFIER if p.path is GradientPath.CLASSIFIER else CostLevel.FORWARD
+
+        return max((level(p) for p in self.attacks), key=order.index, default=CostLevel.CLASSIFIER)
 
     def paths_label(self) -> str:
         """The stored gradient path: the main one, then the further ones (``full+bpda``)."""
@@ -115,7 +120,8 @@ def _check_attack(defense_cls: type[Defense], spec: ThreatSpec, cls: type[Attack
 def _also_paths(defense_cls: type[Defense], spec: ThreatSpec, main: GradientPath) -> tuple[list[GradientPath], list[str]]:
     also: list[GradientPath] = []
     notes: list[str] = []
-    for name in spec.also_paths:
+    declared = [p.value for p in defense_cls.also_attack_through] if spec.gradient_path == "auto" else []
+    for name in [*declared, *spec.also_paths]:
         p = parse_gradient_path(name)
         if main is GradientPath.CLASSIFIER:
             notes.append(f"also_paths {name} ignored: the main attack is classifier-only (nothing defended to attack)")

@@ -26,7 +26,10 @@ class Trainer:
 TRAINERS: Registry[Trainer] = Registry("trainer")
 
 #: Modules that register trainers; imported lazily by the CLI (heavy imports stay out of `harness ls`).
-TRAINER_MODULES = ("harness.training.classifier", "harness.training.diffusion", "harness.training.flowpure", "harness.training.maep")
+TRAINER_MODULES = (
+    "harness.training.classifier", "harness.training.diffusion", "harness.training.flowpure", "harness.training.maep",
+    "harness.training.consistency",
+)
 
 
 def load_trainers() -> Registry[Trainer]:
