@@ -176,7 +176,9 @@ def load_recipe_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     recipe = read_recipe(recipe_path, "diffusion checkpoint")
     digest = sha256_file(path)
     if recipe.get("sha256") and recipe["sha256"] != digest:
-        raise HarnessError(f"diffusion checkpoint '{path}' has sha256 {digest[:12]}..., its recipe says {str(recipe['sha256'])[:12]}...")
+        raise HarnessError(
+            f"diffusion checkpoint '{path}' has sha256 {digest[:12]}..., its recipe says {str(recipe['sha256'])[:12]}..."
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -234,7 +236,9 @@ def load_backbone(dataset: str, model_path: str | None, weights_dir: Path | None
             return load_recipe_checkpoint(p)
         if p.is_dir():
             return load_diffusers_folder(p)
-        raise MissingFileError(f"model_path '{p}' does not exist (give a diffusers UNet2DModel folder or a .pt with its .json recipe)")
+        raise MissingFileError(
+            f"model_path '{p}' does not exist (give a diffusers UNet2DModel folder or a .pt with its .json recipe)"
+        )
     if dataset in SHIPPED_BACKBONES:
         stem = SHIPPED_BACKBONES[dataset]
         for folder in ([weights_dir] if weights_dir else []) + [shipped_weights_dir()]:

@@ -128,7 +128,9 @@ def load_velocity(path: Path, expect_sha256: str | None = None) -> tuple[Velocit
         raise HarnessError(f"FlowPure recipe '{recipe_path}' lacks a numeric time_scale") from None
     digest = sha256_file(path)
     if recipe.get("sha256") and recipe["sha256"] != digest:
-        raise HarnessError(f"FlowPure weights '{path}' have sha256 {digest[:12]}..., their recipe says {str(recipe['sha256'])[:12]}...")
+        raise HarnessError(
+            f"FlowPure weights '{path}' have sha256 {digest[:12]}..., their recipe says {str(recipe['sha256'])[:12]}..."
+        )
     if expect_sha256 and expect_sha256 != digest:
         raise HarnessError(f"FlowPure weights '{path}' have sha256 {digest[:12]}..., weights_sha256 asks for {expect_sha256[:12]}...")
     try:

@@ -248,7 +248,9 @@ def load_checkpoint(path: str | Path) -> tuple[MaskedAutoencoder, dict[str, Any]
     if recipe.is_file():
         recorded = read_recipe(recipe, "MAEP").get("sha256")
         if recorded and recorded != digest:
-            raise HarnessError(f"MAEP weights '{path}' have sha256 {digest[:12]}..., their recipe {recipe.name} says {str(recorded)[:12]}...")
+            raise HarnessError(
+                f"MAEP weights '{path}' have sha256 {digest[:12]}..., their recipe {recipe.name} says {str(recorded)[:12]}..."
+            )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle/zip errors come in many types; report one line

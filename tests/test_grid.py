@@ -216,17 +216,17 @@ def test_check_rejects_malformed_tables(tmp_path, capsys):
     assert "line 2: expected='abc' is not a number" in capsys.readouterr().err
 
 
-# --------------------------------------------------------------------------- mistakes stop the grid; valid cells that cannot run are skipped
+# --------------------------------------------------------------------------- mistakes stop a grid; skipped = cannot run here
 BASE = "n_examples: 8\ndefenses: [none]\nthreats: [bpda]\ndatasets: [digits]\n"
 
 
 @pytest.mark.parametrize(
     "text,line,needle",
     [
-        ("n_examples: 8\ndefenses: [nnoe]\nthreats: [bpda]\ndatasets: [digits]\n", 2, "defenses: unknown defense 'nnoe'; did you mean 'none'?"),
-        ("n_examples: 8\ndefenses: [none]\nthreats: [adaptiv]\ndatasets: [digits]\n", 3, "unknown threat 'adaptiv'; did you mean 'adaptive'?"),
-        ("n_examples: 8\ndefenses: [none]\nthreats: [bpda]\ndatasets:\n  - digit\n", 5, "unknown dataset 'digit'; did you mean 'digits'?"),
-        ("n_examples: 8\ndefenses:\n  - none\n    maep\nthreats: [bpda]\ndatasets: [digits]\n", 3, "put each entry on its own '- ' line"),
+        (BASE.replace("[none]", "[nnoe]"), 2, "defenses: unknown defense 'nnoe'; did you mean 'none'?"),
+        (BASE.replace("[bpda]", "[adaptiv]"), 3, "unknown threat 'adaptiv'; did you mean 'adaptive'?"),
+        (BASE.replace("[digits]", "\n  - digit"), 5, "unknown dataset 'digit'; did you mean 'digits'?"),
+        (BASE.replace("[none]", "\n  - none\n    maep"), 3, "put each entry on its own '- ' line"),
         (BASE + "classifiers:\n  - name: resnet2O\n", 6, "unknown classifier 'resnet2O'"),
         (BASE + "plugins: [no_such_plugin.py]\n", 5, "plugin file"),
         (BASE + "set: {epss: 0.1}\n", 5, "--set epss: unknown option; did you mean 'eps'?"),

@@ -61,7 +61,7 @@ def test_eight_processes_on_a_new_store_each_store_exactly_their_solo_rows(tmp_p
         for args in JOBS
     ]
     outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     ids = [json.loads(out)["job_id"] for out, _ in outs]
     assert ids[0] == ids[1] and len(set(ids)) == 7
@@ -71,7 +71,7 @@ def test_eight_processes_on_a_new_store_each_store_exactly_their_solo_rows(tmp_p
     with sqlite3.connect(db) as con:  # one cached entry per batch of the shared attack, whoever wrote it first
         assert con.execute("select count(*) from adv_cache").fetchone()[0] == 2
         assert con.execute("select count(*) from meta").fetchone()[0] == 1
-    for k, (args, job_id) in enumerate(zip(JOBS, ids)):
+    for k, (args, job_id) in enumerate(zip(JOBS, ids, strict=True)):
         solo_db = tmp_path / f"solo{k}.db"  # each job alone in a store of its own: nothing to reuse
         assert main(["run", *args, *COMMON, "--db", str(solo_db), "--no-progress"]) == 0
         assert stored_numbers(shared, job_id) == stored_numbers(Store(str(solo_db), read_only=True), job_id), args
@@ -127,12 +127,14 @@ PROBES = [  # (arguments, what the one line says, a broken recipe to put in {w}:
     (["results", "--db", "{tmp}/text.db"], "is not a SQLite database", None),
     *[(["run", "--defense", d, "--weights-dir", "{w}"], RECIPE_NEEDLES[kind], (stem, kind))
       for d, stem in (("diffpure", "digits-ddpm"), ("flowpure-pgd", "flowpure-pgd-digits")) for kind in RECIPE_NEEDLES],
-    *[(["run", "--defense", "maep", "--weights-dir", "{w}"], RECIPE_NEEDLES[kind], ("maep-digits", kind)) for kind in ("corrupt", "list")],
+    *[(["run", "--defense", "maep", "--weights-dir", "{w}"], RECIPE_NEEDLES[kind], ("maep-digits", kind))
+      for kind in ("corrupt", "list")],
     (["run", "--weights", "{w}/digits-cnn.pt"], "classifier recipe", ("digits-cnn", "corrupt")),
 ]
 
 
-@pytest.mark.parametrize("args,needle,recipe", PROBES, ids=[" ".join(a) + (f" ({r[1]} {r[0]})" if r else "") for a, _, r in PROBES])
+@pytest.mark.parametrize("args,needle,recipe", PROBES, ids=[" ".join(a) + (f" ({r[1]} {r[0]})" if r else "")
+                                                              for a, _, r in PROBES])
 def test_bad_input_is_one_line_exit_2_and_touches_no_store(args, needle, recipe, tmp_path, finished_store, capsys):
     db = tmp_path / "r.db"
     shutil.copy(finished_store, db)

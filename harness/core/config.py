@@ -135,7 +135,8 @@ def build_from_recipe(factory: Any, arguments: Any, where: str) -> Any:
     try:
         return factory(**arguments)
     except Exception as exc:  # constructors refuse bad arguments with TypeError, ValueError, AttributeError, ...
-        raise HarnessError(f"{where}: {getattr(factory, '__name__', 'the constructor')} refuses it ({_first_line(exc)})") from None
+        name = getattr(factory, "__name__", "the constructor")
+        raise HarnessError(f"{where}: {name} refuses it ({_first_line(exc)})") from None
 
 
 def config_fields(cls: type) -> dict[str, str]:

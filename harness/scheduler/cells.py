@@ -81,7 +81,7 @@ def check_names(spec: GridSpec) -> None:
     from threat_models.specs import THREATS
 
     load_builtin()
-    for plugin, where in zip(spec.plugins, spec.plugins_where):
+    for plugin, where in zip(spec.plugins, spec.plugins_where, strict=True):
         try:
             load_plugin(plugin)
         except HarnessError as exc:

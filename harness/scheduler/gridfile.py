@@ -47,7 +47,9 @@ import yaml
 from harness.core.registry import HarnessError, suggest
 from harness.data import MAX_DATA_SEED
 
-TOP_KEYS = {"name", "n_examples", "seeds", "seed", "data_seed", "set", "plugins", "defenses", "threats", "datasets", "classifiers"}
+TOP_KEYS = {
+    "name", "n_examples", "seeds", "seed", "data_seed", "set", "plugins", "defenses", "threats", "datasets", "classifiers",
+}
 #: Keys a grid file might plausibly hold that the harness does not read: an error, never silence.
 UNSUPPORTED_KEYS = {
     "data_seeds": "one data_seed per grid file (run a second file for another subset)",

@@ -88,7 +88,7 @@ def _read_only_fs(path: Path) -> bool:
     """Whether ``path`` (or its folder) lies on a file system mounted read-only."""
     try:
         return bool(os.statvfs(path if path.exists() else path.parent).f_flag & os.ST_RDONLY)
-    except OSError:
+    except (OSError, AttributeError):  # no statvfs (Windows)
         return False
 
 
@@ -190,9 +190,11 @@ class Store:
         except NoSuchModuleError:  # (an ArgumentError)
             raise HarnessError(f"--db {self._where()}: unknown database kind '{self.url.split(':', 1)[0]}'") from None
         except ArgumentError as exc:
-            raise HarnessError(f"--db {self.url!r} is neither a file path nor a valid database URL ({_first_line(exc)})") from None
+            msg = f"--db {self.url!r} is neither a file path nor a valid database URL ({_first_line(exc)})"
+            raise HarnessError(msg) from None
         except ImportError as exc:
-            raise HarnessError(f"--db {self._where()} needs a database driver that is not installed ({_first_line(exc)})") from None
+            msg = f"--db {self._where()} needs a database driver that is not installed ({_first_line(exc)})"
+            raise HarnessError(msg) from None
         if url.startswith("sqlite"):
             read_only = self.read_only
 
@@ -231,7 +233,9 @@ class Store:
 
     def _check_version(self, value: str) -> None:
         if value != str(SCHEMA_VERSION):
-            raise HarnessError(f"results store {self._where()} has schema version {value}; this harness reads and writes {SCHEMA_VERSION}")
+            raise HarnessError(
+                f"results store {self._where()} has schema version {value}; this harness reads and writes {SCHEMA_VERSION}"
+            )
 
     @_reads
     def _check_schema(self) -> None:
@@ -268,9 +272,9 @@ class Store:
     def _write(self, fn, retry_on: tuple[type[Exception], ...] = (IntegrityError,)):
         """Run ``fn(session)`` in one write transaction; database errors become one-line HarnessErrors.
 
-        An IntegrityError is retried once the other writer's transaction is visible: on
-        servers without a file lock two transactions can both find a row absent and both
-        insert it, and the retry then finds it (every write here checks before it inserts).
+        An IntegrityError is retried (twice at most): on a server database two transactions
+        can both find a row absent and both insert it, and the retry then finds the other's
+        row (every write here checks before it inserts). On SQLite the write lock rules that out.
         """
         if self.read_only:
             raise HarnessError(f"results store {self._where()} was opened read-only")
