@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Any, Iterable, Sequence
-from urllib.parse import quote, unquote
 
 import numpy as np
 import pandas as pd
@@ -40,6 +38,7 @@ from harness.evaluation.stats import wilson_interval
 from harness.store import resolve_url
 from harness.store.codec import decode_images
 from harness.store.schema import CurveRow, ExampleRow, Job, MetricRow, SampleRow
+from harness.store.store import readonly_url, sqlite_file, store_missing  # noqa: F401 (the page uses them from here)
 
 KEY = ["defense", "classifier", "dataset"]
 #: Column order of the threat models the harness ships; others follow alphabetically.
@@ -69,33 +68,6 @@ harness dashboard --db {db}
 
 
 # --------------------------------------------------------------------------- connection
-def sqlite_file(url: str) -> Path | None:
-    """The database file behind a SQLite URL (None for in-memory and other databases)."""
-    if not url.startswith("sqlite"):
-        return None
-    rest = url.split("://", 1)[1] if "://" in url else ""
-    if not rest.startswith("/"):
-        return None  # sqlite:// (memory)
-    path = rest[1:].partition("?")[0]
-    if path.startswith("file:"):
-        path = unquote(path[5:])
-    if path in ("", ":memory:"):
-        return None
-    return Path(path).expanduser()
-
-
-def readonly_url(db: str | None) -> str:
-    """``--db`` (path or URL) -> a URL SQLite opens read-only (``mode=ro``).
-
-    Other databases are passed through: point the dashboard at a read-only role there.
-    """
-    url = resolve_url(db)
-    path = sqlite_file(url)
-    if path is None:
-        return url
-    return f"sqlite:///file:{quote(str(path.resolve()))}?mode=ro&uri=true"
-
-
 def make_engine(db: str | None) -> Engine:
     """A read-only engine: SQLite opened with ``mode=ro`` and ``PRAGMA query_only``."""
     url = readonly_url(db)
@@ -131,11 +103,6 @@ def store_signature(db: str | None) -> tuple:
         # an empty WAL (a reader may create one) holds nothing: same as none
         sig += [st.st_mtime_ns, st.st_size] if st is not None and st.st_size > 0 else [None, None]
     return tuple(sig)
-
-
-def store_missing(db: str | None) -> bool:
-    path = sqlite_file(resolve_url(db))
-    return path is not None and not path.exists()
 
 
 def has_jobs_table(engine: Engine) -> bool:

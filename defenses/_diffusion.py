@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import math
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Literal
@@ -50,8 +49,9 @@ import torch.utils.checkpoint
 import torchsde
 from torch import nn
 
+from harness.core.config import build_from_recipe, read_recipe
 from harness.core.env import WEIGHTS_DIR, sha256_file
-from harness.core.registry import HarnessError
+from harness.core.registry import HarnessError, MissingFileError
 from harness.core.registry import first_line as _first_line
 from harness.core.defense import CostLevel, Defense, SetupContext, randn_like
 
@@ -182,15 +182,17 @@ def load_recipe_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     recipe_path = path.with_suffix(".json")
     if not recipe_path.is_file():
         raise HarnessError(f"diffusion checkpoint '{path}' has no recipe '{recipe_path.name}' beside it (it holds the architecture)")
-    recipe = json.loads(recipe_path.read_text())
+    recipe = read_recipe(recipe_path, "diffusion checkpoint")
     digest = sha256_file(path)
     if recipe.get("sha256") and recipe["sha256"] != digest:
-        raise HarnessError(f"diffusion checkpoint '{path}' has sha256 {digest[:12]}..., its recipe says {recipe['sha256'][:12]}...")
+        raise HarnessError(
+            f"diffusion checkpoint '{path}' has sha256 {digest[:12]}..., its recipe says {str(recipe['sha256'])[:12]}..."
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise HarnessError(f"cannot load diffusion weights '{path}': {_first_line(exc)}") from None
-    unet = UNet2DModel(**recipe["unet_config"])
+    unet = build_from_recipe(UNet2DModel, recipe.get("unet_config"), f"diffusion recipe '{recipe_path}': unet_config")
     try:
         unet.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -282,13 +284,19 @@ def load_backbone(
     if model_path:
         check_model_path(model_path, backbone)
         p = Path(model_path).expanduser()
-        return load_recipe_checkpoint(p) if p.is_file() else load_diffusers_folder(p)
+        if p.is_file():
+            return load_recipe_checkpoint(p)
+        if p.is_dir():
+            return load_diffusers_folder(p)
+        raise MissingFileError(
+            f"model_path '{p}' does not exist (give a diffusers UNet2DModel folder or a .pt with its .json recipe)"
+        )
     if dataset in SHIPPED_BACKBONES:
         stem = SHIPPED_BACKBONES[dataset]
         for folder in ([weights_dir] if weights_dir else []) + [shipped_weights_dir()]:
             if (Path(folder) / f"{stem}.pt").is_file():
                 return load_recipe_checkpoint(Path(folder) / f"{stem}.pt")
-        raise HarnessError(
+        raise MissingFileError(
             f"diffusion backbone '{stem}.pt' for dataset '{dataset}' is missing from {shipped_weights_dir()}: "
             f"run `harness train diffusion --dataset {dataset}` or pass --set model_path=FILE"
         )
@@ -302,11 +310,11 @@ def load_backbone(
         if found is not None:
             return found
         where = f"{weights_dir}/{folder_name}" if weights_dir else f"WEIGHTS_DIR/{folder_name}"
-        raise HarnessError(
+        raise MissingFileError(
             f"diffusion model {repo} not found: put its diffusers folder (config.json + diffusion_pytorch_model.safetensors) "
             f"at {where} and pass --weights-dir, or pass --set model_path=DIR"
         )
-    raise HarnessError(
+    raise MissingFileError(
         f"no diffusion backbone for dataset '{dataset}': train one with `harness train diffusion --dataset {dataset}` "
         f"and pass --set model_path=FILE.pt, or pass --set model_path=DIR (a diffusers UNet2DModel folder)"
     )

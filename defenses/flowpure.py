@@ -35,7 +35,6 @@ purifier in front of another classifier is a transfer setting.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -43,8 +42,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from harness.core.config import build_from_recipe, read_recipe
 from harness.core.env import WEIGHTS_DIR, sha256_file
-from harness.core.registry import HarnessError
+from harness.core.registry import HarnessError, MissingFileError
 from harness.core.registry import first_line as _first_line
 from harness.core.defense import Defense, DefenseConfig, GradientPath, SetupContext, randn_like, register_defense
 
@@ -70,11 +70,11 @@ def train_command(variant: str, dataset: str) -> str:
 
 
 # --------------------------------------------------------------------------- network
-def build_unet(unet_config: dict[str, Any]) -> nn.Module:
-    """A ``diffusers.UNet2DModel`` from its keyword arguments (as recorded in a recipe)."""
+def build_unet(unet_config: dict[str, Any], where: str = "unet_config") -> nn.Module:
+    """A ``diffusers.UNet2DModel`` from its keyword arguments (as recorded in a recipe); one-line error otherwise."""
     from diffusers import UNet2DModel
 
-    return UNet2DModel(**unet_config)
+    return build_from_recipe(UNet2DModel, unet_config, where)
 
 
 class VelocityField(nn.Module):
@@ -116,21 +116,23 @@ def load_velocity(path: Path, expect_sha256: str | None = None) -> tuple[Velocit
     recipe_path = path.with_suffix(".json")
     if not recipe_path.is_file():
         raise HarnessError(f"FlowPure weights '{path}' have no recipe '{recipe_path.name}' beside them (it holds the architecture)")
+    recipe = read_recipe(recipe_path, "FlowPure")
     try:
-        recipe = json.loads(recipe_path.read_text())
-        unet_config, time_scale = recipe["unet_config"], float(recipe["time_scale"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise HarnessError(f"FlowPure recipe '{recipe_path}' is unreadable or lacks unet_config/time_scale: {_first_line(exc)}") from None
+        time_scale = float(recipe["time_scale"])
+    except (KeyError, TypeError, ValueError):
+        raise HarnessError(f"FlowPure recipe '{recipe_path}' lacks a numeric time_scale") from None
     digest = sha256_file(path)
     if recipe.get("sha256") and recipe["sha256"] != digest:
-        raise HarnessError(f"FlowPure weights '{path}' have sha256 {digest[:12]}..., their recipe says {recipe['sha256'][:12]}...")
+        raise HarnessError(
+            f"FlowPure weights '{path}' have sha256 {digest[:12]}..., their recipe says {str(recipe['sha256'])[:12]}..."
+        )
     if expect_sha256 and expect_sha256 != digest:
         raise HarnessError(f"FlowPure weights '{path}' have sha256 {digest[:12]}..., weights_sha256 asks for {expect_sha256[:12]}...")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle/zip errors come in many types; report one line
         raise HarnessError(f"cannot load FlowPure weights '{path}': {_first_line(exc)}") from None
-    unet = build_unet(unet_config)
+    unet = build_unet(recipe.get("unet_config"), f"FlowPure recipe '{recipe_path}': unet_config")
     try:
         unet.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, AttributeError) as exc:
@@ -148,7 +150,7 @@ def find_weights(variant: str, dataset: str, weights: str | None, weights_dir: P
     if weights:
         p = Path(weights).expanduser()
         if not p.is_file():
-            raise HarnessError(f"FlowPure weights file '{p}' does not exist")
+            raise MissingFileError(f"FlowPure weights file '{p}' does not exist")
         return p
     name = weights_name(variant, dataset) + ".pt"
     folders = ([Path(weights_dir)] if weights_dir else []) + [shipped_weights_dir()]
@@ -156,7 +158,7 @@ def find_weights(variant: str, dataset: str, weights: str | None, weights_dir: P
         if (folder / name).is_file():
             return folder / name
     where = " or ".join(str(f) for f in folders)
-    raise HarnessError(
+    raise MissingFileError(
         f"FlowPure weights '{name}' for dataset '{dataset}' not found in {where}: "
         f"train them with `{train_command(variant, dataset)}` or pass --set weights=FILE.pt"
     )

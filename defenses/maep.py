@@ -29,7 +29,6 @@ preprocessor-blind setting.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,8 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.core.config import read_recipe
 from harness.core.env import WEIGHTS_DIR, sha256_file
-from harness.core.registry import HarnessError
+from harness.core.registry import HarnessError, MissingFileError
 from harness.core.registry import first_line as _first_line
 from harness.core.defense import Defense, DefenseConfig, GradientPath, SetupContext, register_defense
 
@@ -238,16 +238,15 @@ def load_checkpoint(path: str | Path) -> tuple[MaskedAutoencoder, dict[str, Any]
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise HarnessError(f"MAEP weights '{path}' do not exist")
+        raise MissingFileError(f"MAEP weights '{path}' do not exist")
     digest = sha256_file(path)
     recipe = path.with_suffix(".json")
     if recipe.is_file():
-        try:
-            recorded = json.loads(recipe.read_text()).get("sha256")
-        except (OSError, ValueError, AttributeError):
-            recorded = None
+        recorded = read_recipe(recipe, "MAEP").get("sha256")
         if recorded and recorded != digest:
-            raise HarnessError(f"MAEP weights '{path}' have sha256 {digest[:12]}..., their recipe {recipe.name} says {recorded[:12]}...")
+            raise HarnessError(
+                f"MAEP weights '{path}' have sha256 {digest[:12]}..., their recipe {recipe.name} says {str(recorded)[:12]}..."
+            )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle/zip errors come in many types; report one line
@@ -283,7 +282,7 @@ def find_weights(dataset: str, weights: str | None, weights_dir: Path | None) ->
     if weights:
         p = Path(weights).expanduser()
         if not p.is_file():
-            raise HarnessError(f"MAEP weights '{p}' do not exist (train them with `{train_command(dataset)} --out DIR`)")
+            raise MissingFileError(f"MAEP weights '{p}' do not exist (train them with `{train_command(dataset)} --out DIR`)")
         return p
     name = f"maep-{dataset}.pt"
     if weights_dir is not None and (Path(weights_dir) / name).is_file():
@@ -291,7 +290,7 @@ def find_weights(dataset: str, weights: str | None, weights_dir: Path | None) ->
     p = shipped_weights(dataset)
     if p.is_file():
         return p
-    raise HarnessError(
+    raise MissingFileError(
         f"MAEP weights '{name}' for dataset '{dataset}' are missing from {WEIGHTS_DIR}: "
         f"run `{train_command(dataset)}` (or pass --set weights=FILE.pt)"
     )

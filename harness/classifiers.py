@@ -20,7 +20,6 @@ parameters; its ``identity`` (name, architecture, weights sha256) enters the job
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import sys
 import warnings
@@ -34,7 +33,8 @@ from torch import nn
 
 from harness.core.env import WEIGHTS_DIR, sha256_file
 from harness.data import DATASETS
-from harness.core.registry import HarnessError, Registry, suggest
+from harness.core.config import read_recipe
+from harness.core.registry import HarnessError, MissingFileError, Registry, suggest
 
 #: Where the shipped small-CNN weights live (inside the package).
 
@@ -326,15 +326,15 @@ def _load_small_cnn(name: str, dataset: str, weights, model_dir, device) -> Load
     path = WEIGHTS_DIR / f"{name}.pt" if shipped else Path(weights).expanduser()
     if not path.is_file():
         if shipped:
-            raise HarnessError(
+            raise MissingFileError(
                 f"shipped weights '{path}' are missing; produce them with `harness train classifier --dataset {spec.dataset}`"
             )
-        raise HarnessError(f"weights file '{path}' does not exist")
+        raise MissingFileError(f"weights file '{path}' does not exist")
     digest = sha256_file(path)
     info: dict[str, Any] = {"weights_file": path.name, "shipped": shipped}
     recipe_path = path.with_suffix(".json")
     if recipe_path.is_file():
-        recipe = json.loads(recipe_path.read_text())
+        recipe = read_recipe(recipe_path, "classifier")
         if recipe.get("sha256") == digest:
             info["recipe"] = recipe
             info["clean_test_accuracy"] = recipe.get("clean_test_accuracy")
@@ -372,7 +372,7 @@ def _load_resnet(name: str, dataset: str, weights, model_dir, device) -> LoadedC
         )
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise HarnessError(f"weights file '{path}' does not exist")
+        raise MissingFileError(f"weights file '{path}' does not exist")
     digest = sha256_file(path)
     m = _CHECKPOINT_NAME.match(path.name)
     if m and not digest.startswith(m.group(2).lower()):
@@ -467,7 +467,7 @@ def _load_robustbench(name: str, dataset: str, weights, model_dir, device) -> Lo
     for f in files:
         if not f.is_file():
             # Checked before calling robustbench, which would otherwise start a download.
-            raise HarnessError(f"RobustBench checkpoint '{f}' is missing; supply that file (--model-dir {root})")
+            raise MissingFileError(f"RobustBench checkpoint '{f}' is missing; supply that file (--model-dir {root})")
     digests = [sha256_file(f) for f in files]
     try:
         module = rb_utils.load_model(model_name=model_name, model_dir=str(root), dataset=ds.value, threat_model=_RB_THREAT)
@@ -529,12 +529,17 @@ def load_classifier(
     Raises:
         HarnessError: unknown name, wrong dataset, missing or mismatched weights.
     """
+    entry = classifier_entry(name)
+    _check_dataset(entry, dataset)
+    return entry.load(name, dataset, weights, model_dir, device)
+
+
+def classifier_entry(name: str) -> ClassifierEntry:
+    """The registry entry of a classifier name (``rb:<ModelName>`` included); a did-you-mean error otherwise."""
     key = "rb:<ModelName>" if name.startswith(RB_PREFIX) else name
-    entry = CLASSIFIERS.get(key) if key in CLASSIFIERS else None
-    if entry is None:
+    if key not in CLASSIFIERS:
         real = [n for n in CLASSIFIERS.names() if not n.startswith(RB_PREFIX)]
         raise HarnessError(
             f"unknown classifier '{name}'{suggest(name, real)} (available: {', '.join(real)}, or rb:<ModelName>)"
         )
-    _check_dataset(entry, dataset)
-    return entry.load(name, dataset, weights, model_dir, device)
+    return CLASSIFIERS.get(key)

@@ -45,9 +45,11 @@ import numpy as np
 import torch
 
 from harness.core.env import sha256_file
-from harness.core.registry import HarnessError, Registry
+from harness.core.registry import HarnessError, MissingFileError, Registry
 
 SPLITS = ("train", "test")
+#: The largest ``data_seed``: numpy's ``RandomState`` takes seeds in [0, 2**32).
+MAX_DATA_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -312,7 +314,7 @@ def _resolve_data_dir(name: str, data_dir: str | Path | None) -> Path:
         )
     path = Path(data_dir).expanduser()
     if not path.exists():
-        raise HarnessError(f"data dir '{path}' does not exist")
+        raise MissingFileError(f"data dir '{path}' does not exist")
     return path.resolve()
 
 
@@ -404,9 +406,12 @@ def eval_subset(
         An :class:`EvalSubset`.
 
     Raises:
-        HarnessError: ``n`` is not positive or exceeds the split's size, or loading fails.
+        HarnessError: ``n`` is not positive or exceeds the split's size, ``data_seed`` is
+            not in ``0..MAX_DATA_SEED``, or loading fails.
     """
     info = DATASETS.get(name)
+    if isinstance(data_seed, bool) or not isinstance(data_seed, (int, np.integer)) or not 0 <= data_seed <= MAX_DATA_SEED:
+        raise HarnessError(f"data_seed={data_seed!r} is out of range: an integer in 0..{MAX_DATA_SEED}")
     raw = _load_raw(name, split, data_dir)
     total = len(raw.y)
     if n is None:

@@ -73,6 +73,13 @@ def test_eval_subset_default_n_and_errors():
         load_split("digits", "val")
 
 
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**40, 1.5, True])
+def test_data_seed_out_of_numpys_range_is_a_one_line_error(seed):
+    with pytest.raises(HarnessError, match=r"data_seed=.* is out of range: an integer in 0\.\.4294967295"):
+        eval_subset("digits", n=8, data_seed=seed)
+    assert len(eval_subset("digits", n=8, data_seed=2**32 - 1).y) == 8
+
+
 def test_unknown_dataset_suggests_closest():
     with pytest.raises(HarnessError, match=r"unknown dataset 'digit'; did you mean 'digits'\?"):
         load_split("digit")

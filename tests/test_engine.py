@@ -99,6 +99,21 @@ def test_identity_hash_tracks_everything_that_changes_the_number():
         assert E.resolve(cfg(**{**dict(defense="toy-smooth", n_examples=16), **change})).job_id != base, change
 
 
+@pytest.mark.parametrize("threat", ["preprocessor-blind", "adaptive"])
+def test_spellings_of_the_default_budget_are_one_job(threat):
+    """eps=0.2 (the digits default, spelled out), eps=1/5 and no --set give one job id, as do
+    spellings of a defense's float option."""
+    ids = {
+        E.resolve(cfg(threat=threat, n_examples=8, overrides=o)).job_id
+        for o in ([], [("eps", "0.2")], [("eps", "1/5")], [("threat.eps", "2/10")], [("eps", "0.2"), ("step_size", "1/20")])
+    }
+    assert len(ids) == 1
+    noise = {E.resolve(cfg(defense="toy-noise", threat="bpda", n_examples=8, overrides=o)).job_id
+             for o in ([], [("sigma", "0.25")], [("sigma", "1/4")])}
+    assert len(noise) == 1
+    assert E.resolve(cfg(threat=threat, n_examples=8, overrides=[("eps", "0.19")])).job_id not in ids
+
+
 def test_stochastic_defense_scoring_rules_are_ordered(store):
     out = E.run_job(E.resolve(cfg(defense="toy-noise", threat="adaptive", n_examples=24,
                                   overrides=[("steps", "5"), ("apgd_steps", "5"), ("eot_samples", "2"), ("eval_draws", "5"), ("sigma", "0.3")])),

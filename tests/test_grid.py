@@ -252,3 +252,75 @@ def test_check_rejects_malformed_tables(tmp_path, capsys):
     p.write_text("defense,threat,dataset,classifier,metric,expected,tolerance\nnone,bpda,digits,c,m,abc,\n")
     assert main(["check", str(p), "--db", str(tmp_path / "r.db")]) == 2
     assert "line 2: expected='abc' is not a number" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- mistakes stop a grid; skipped = cannot run here
+BASE = "n_examples: 8\ndefenses: [none]\nthreats: [bpda]\ndatasets: [digits]\n"
+
+
+@pytest.mark.parametrize(
+    "text,line,needle",
+    [
+        (BASE.replace("[none]", "[nnoe]"), 2, "defenses: unknown defense 'nnoe'; did you mean 'none'?"),
+        (BASE.replace("[bpda]", "[adaptiv]"), 3, "unknown threat 'adaptiv'; did you mean 'adaptive'?"),
+        (BASE.replace("[digits]", "\n  - digit"), 5, "unknown dataset 'digit'; did you mean 'digits'?"),
+        (BASE.replace("[none]", "\n  - none\n    maep"), 3, "put each entry on its own '- ' line"),
+        (BASE + "classifiers:\n  - name: resnet2O\n", 6, "unknown classifier 'resnet2O'"),
+        (BASE + "plugins: [no_such_plugin.py]\n", 5, "plugin file"),
+        (BASE + "set: {epss: 0.1}\n", 5, "--set epss: unknown option; did you mean 'eps'?"),
+        (BASE + "set:\n  batch_size: 4\n  steps: abc\n", 7, "steps='abc' is not a valid int"),
+        (BASE + "set: {eps: 5}\n", 5, "eps=5.0 is out of range"),
+        (BASE.replace("[none]", "\n  - none\n  - name: maep\n    set: {tile: of}"), 5, "tile='of'"),
+        (BASE + "threats: [adaptive]\n", 5, "duplicate key 'threats' (first given on line 3)"),
+        (BASE.replace("[bpda]", "\n  - name: bpda\n    set: {steps: 2, steps: 3}"), 5, "duplicate key 'steps'"),
+        (BASE + "data_seed: -1\n", 5, "data_seed must be one integer in 0..4294967295"),
+        (BASE + "data_seeds: [0, 1]\n", 5, "'data_seeds' is not supported"),
+        (BASE + "# caf\xe9\n", 5, "not UTF-8 text"),
+    ],
+)
+def test_a_mistake_in_a_grid_stops_it_before_anything_runs(tmp_path, capsys, text, line, needle):
+    g = tmp_path / "g.yaml"
+    g.write_bytes(text.encode("latin-1"))  # the last case: a byte that is not UTF-8
+    db = tmp_path / "r.db"
+    st = Store(str(db))
+    st.record_skip("old", "kept", defense="none", threat="bpda", dataset="digits", classifier="c", seed=0, n_examples=1,
+                   identity={}, config={})
+    st.close()
+    before = db.read_bytes()
+    assert main(["grid", str(g), "--db", str(db)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {g}: line {line}: ") and needle in err and err.count("\n") == 1, err
+    assert db.read_bytes() == before and [j.id for j in Store(str(db)).jobs()] == ["old"]
+
+
+def test_only_valid_cells_that_cannot_run_here_are_skipped(tmp_path, capsys):
+    """An incompatible pair (a stochastic defense under AutoAttack-standard), missing weights (no
+    MAEP for mnist5k) and a missing data folder are skipped with the reason, and counted."""
+    text = f"""
+n_examples: 8
+plugins: [{TOY_PLUGIN}]
+defenses: [none, toy-noise, maep]
+threats:
+  - preprocessor-blind
+  - name: bpda
+    set: {{attacks: autoattack-standard, apgd_steps: 2}}
+datasets:
+  - digits
+  - mnist5k
+  - name: cifar10
+    data_dir: {tmp_path / "no-such-cifar"}
+classifiers:
+  - name: resnet20
+    weights: {tmp_path / "no-such-resnet20.th"}
+    datasets: [cifar10]
+"""
+    g = write(tmp_path, text)
+    db = tmp_path / "r.db"
+    assert main(["grid", str(g), "--db", str(db), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert not db.exists()  # a dry run creates no store
+    reasons = {line.split("  ")[3].split(" x seed")[0]: line for line in out.splitlines() if line.startswith("  skip ")}
+    assert "has no EOT" in reasons["toy-noise x bpda x digits x default"]
+    assert "MAEP weights 'maep-mnist5k.pt'" in reasons["maep x preprocessor-blind x mnist5k x default"]
+    assert "no-such-cifar' does not exist" in reasons["none x preprocessor-blind x cifar10 x resnet20"]
+    assert out.rstrip().endswith("summary: pending 8, skipped 10")

@@ -97,3 +97,29 @@ def test_missing_folder_is_a_clear_error(tmp_path):
 def test_image_codec_round_trip():
     a = np.random.RandomState(0).randint(0, 255, (3, 4, 4)).astype(np.uint8)
     assert np.array_equal(decode_images(encode_images(a=a))["a"], a)
+
+
+def test_an_adv_cache_entry_stored_first_is_kept_and_writing_it_again_is_no_error(tmp_path):
+    """Two processes that computed the same preprocessor-blind batch both write it: the second write
+    keeps the first entry (insert-or-ignore) and still stores its own job's batch."""
+    db = str(tmp_path / "r.db")
+    first, second = Store(db), Store(db)  # two handles on one file, as two processes hold
+
+    def entry(v: float) -> dict:
+        return {"pgd": {"x_adv": np.full((1, 1, 2, 2), v, np.float32), "margin": np.array([v], np.float32), "curve": [1, 0]}}
+
+    for st, job in ((first, "a"), (second, "b")):
+        st.begin_job(job, **_fields())
+    first.write_batch("a", 0, examples=[_example(0)], curves={}, nfe={}, seconds=0.1, adv_cache=("k", entry(0.25)))
+    second.write_batch("b", 0, examples=[_example(0)], curves={}, nfe={}, seconds=0.1, adv_cache=("k", entry(0.5)))
+    assert second.done_batches("b") == {0} and float(second.get_adv("k")["pgd"]["margin"][0]) == 0.25
+
+
+def test_a_read_only_store_never_creates_a_file(tmp_path):
+    missing = tmp_path / "missing.db"
+    with pytest.raises(HarnessError, match="does not exist"):
+        Store(str(missing), read_only=True)
+    assert not missing.exists() and list(tmp_path.iterdir()) == []
+    Store(str(missing)).close()  # a writer creates it, with its schema
+    with pytest.raises(HarnessError, match="was opened read-only"):
+        Store(str(missing), read_only=True).begin_job("j", **_fields())

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 
 def cmd_check(args) -> int:
-    from harness.store.check import check, format_rows
     from harness.store import Store
+    from harness.store.check import check, format_rows, load_table
 
-    rows = check(args.table, Store(args.db, read_only=True))
+    table = load_table(args.table)  # a malformed table is reported before the store is opened
+    rows = check(table, Store(args.db, read_only=True))
     print(format_rows(rows))
     bad = [r for r in rows if not r.ok]
     print(f"{len(rows) - len(bad)}/{len(rows)} within tolerance")

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 
 def cmd_grid(args) -> int:
-    from harness.scheduler import load_grid, run_grid
-    from harness.store import Store
+    from harness.scheduler import load_grid, plan, run_grid
+    from harness.store import Store, resolve_url
+    from harness.store.store import store_missing
 
     spec = load_grid(args.file)
-    store = Store(args.db)
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else ["cpu"]
     print(f"grid {spec.name}: {len(spec.defenses)} defenses x {len(spec.threats)} threats x {len(spec.datasets)} datasets "
-          f"x {max(1, len(spec.classifiers))} classifiers x {len(spec.seeds)} seeds -> {store.url}")
+          f"x {max(1, len(spec.classifiers))} classifiers x {len(spec.seeds)} seeds -> {resolve_url(args.db)}")
+    # planning only reads the store (when there is one): a mistake in the grid creates or changes nothing
+    reader = None if store_missing(args.db) else Store(args.db, read_only=True)
+    cells = plan(spec, reader, force=args.force)
     summary = run_grid(
-        spec, store, executor=args.executor, devices=devices, address=args.address, ray_cpus=args.ray_cpus,
-        force=args.force, dry_run=args.dry_run,
+        spec, reader if args.dry_run else Store(args.db), executor=args.executor, devices=devices, address=args.address,
+        ray_cpus=args.ray_cpus, force=args.force, dry_run=args.dry_run, cells=cells,
     )
     if args.dry_run:
         for c in summary.cells:

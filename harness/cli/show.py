@@ -8,13 +8,10 @@ from harness.core.registry import HarnessError
 
 
 def cmd_show(args) -> int:
-    from sqlalchemy import select
-
-    from harness.store import Job, Store
+    from harness.store import Store
 
     store = Store(args.db, read_only=True)
-    with store.session() as s:
-        matches = list(s.scalars(select(Job).where(Job.id.like(f"{args.job_id}%"))))
+    matches = store.find_jobs(args.job_id)
     if not matches:
         raise HarnessError(f"no job with id starting '{args.job_id}' in {store.url}")
     if len(matches) > 1:

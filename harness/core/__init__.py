@@ -6,7 +6,7 @@ Plugin authors import from here::
     from harness.core import Attack, AttackConfig, AttackResult, register_attack
     from harness.core import Shift, ShiftConfig, register_shift
 
-- :mod:`harness.core.registry`: name -> plugin registries, ``HarnessError``.
+- :mod:`harness.core.registry`: name -> plugin registries, ``HarnessError``, ``MissingFileError``.
 - :mod:`harness.core.config`: frozen-dataclass configs from plain values.
 - :mod:`harness.core.defense`, :mod:`harness.core.attack`, :mod:`harness.core.shift`:
   the three plugin contracts.
@@ -37,12 +37,13 @@ from harness.core.defense import (
     randn_like,
     register_defense,
 )
-from harness.core.registry import HarnessError, Registry
+from harness.core.registry import HarnessError, MissingFileError, Registry
 from harness.core.shift import SHIFTS, Shift, ShiftConfig, ShiftContext, register_shift
 
 __all__ = [
     "ATTACKS", "DEFENSES", "SHIFTS", "SUITES", "Attack", "AttackConfig", "AttackRandomness", "AttackResult",
-    "AttackSuite", "Budget", "CostLevel", "Defense", "DefenseConfig", "GradientPath", "HarnessError", "Registry",
+    "AttackSuite", "Budget", "CostLevel", "Defense", "DefenseConfig", "GradientPath", "HarnessError", "MissingFileError",
+    "Registry",
     "SetupContext", "Shift", "ShiftConfig", "ShiftContext", "bpda", "randn_like", "register_attack",
     "register_defense", "register_shift", "register_suite",
 ]

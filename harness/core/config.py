@@ -9,9 +9,11 @@ config back into JSON-able values for the job identity.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 from harness.core.env import source_digest
@@ -97,6 +99,44 @@ def build_config(cls: type, values: dict[str, Any], owner: str) -> Any:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise HarnessError(f"{owner}: {exc}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def read_recipe(path: Path, what: str) -> dict[str, Any]:
+    """The JSON recipe written beside a weights file (architecture, sha256, training record), as a dict.
+
+    Raises:
+        HarnessError: (one line naming the file) it cannot be read, is not JSON, or holds no JSON object.
+    """
+    try:
+        recipe = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise HarnessError(f"{what} recipe '{path}' is not readable JSON: {_first_line(exc)}") from None
+    if not isinstance(recipe, dict):
+        raise HarnessError(f"{what} recipe '{path}' holds a JSON {type(recipe).__name__}, not an object")
+    return recipe
+
+
+def build_from_recipe(factory: Any, arguments: Any, where: str) -> Any:
+    """``factory(**arguments)`` with constructor arguments read from a file (a recipe's ``unet_config``).
+
+    Raises:
+        HarnessError: (one line starting with ``where``) ``arguments`` is missing or not a
+            mapping, or ``factory`` refuses it (an unknown argument, a value of the wrong type).
+    """
+    if arguments is None:
+        raise HarnessError(f"{where} is missing")
+    if not isinstance(arguments, dict):
+        raise HarnessError(f"{where} must be a mapping of arguments, not a {type(arguments).__name__}")
+    try:
+        return factory(**arguments)
+    except Exception as exc:  # constructors refuse bad arguments with TypeError, ValueError, AttributeError, ...
+        name = getattr(factory, "__name__", "the constructor")
+        raise HarnessError(f"{where}: {name} refuses it ({_first_line(exc)})") from None
 
 
 def config_fields(cls: type) -> dict[str, str]:

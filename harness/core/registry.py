@@ -31,6 +31,15 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+class MissingFileError(HarnessError):
+    """A file or folder a job needs (weights, a checkpoint, a dataset folder) is not on this machine.
+
+    The job itself is valid: a grid records its cell as ``skipped`` with this message,
+    as it does for an incompatible pair, while any other HarnessError is a mistake that
+    stops the grid before it runs. Plugins raise it for their own missing weights.
+    """
+
+
 def suggest(name: str, choices: list[str]) -> str:
     """Return a ``"; did you mean 'x'?"`` suffix for the closest choice, or ``""``."""
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)

@@ -1,4 +1,19 @@
-"""Expanding a grid into cells and planning them: resolve each, mark done / skipped / pending."""
+"""Expanding a grid into cells and planning them: resolve each, mark done / skipped / pending.
+
+What is skipped and what stops the grid:
+
+- **skipped** (stored with the reason; the rest of the grid runs): a valid cell that
+  cannot run. That is an :class:`~harness.evaluation.IncompatibleError` (the pair's
+  declared capabilities exclude it: a gradient path the defense lacks, an attack without
+  EOT on a stochastic defense, a shift that does not apply to the dataset) or a
+  :class:`~harness.core.registry.MissingFileError` (a file or folder the cell needs is
+  not on this machine: a defense's or classifier's weights, a checkpoint, a data folder).
+- **an error** (:class:`GridError`, exit 2, before any job runs or anything is stored):
+  every other problem, which is a mistake in the grid: an unknown name, an unknown or
+  invalid ``set`` key or value, a budget out of range, a missing plugin file, a weights
+  or data file that is there but unreadable. The message names the file and the line
+  (for a ``set`` value, the line of the key that makes the cell fail).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +21,14 @@ import dataclasses
 import hashlib
 from dataclasses import dataclass
 
-from harness.core.registry import HarnessError
+from harness.core.registry import HarnessError, MissingFileError
 from harness.evaluation import IncompatibleError, ResolvedJob, RunConfig, resolve
-from harness.scheduler.gridfile import GridSpec
+from harness.scheduler.gridfile import GridError, GridSpec
 from harness.store import Store, dumps
+
+#: The errors that mean "valid, but cannot run here": the cell is recorded as skipped.
+SKIPPED_ERRORS = (IncompatibleError, MissingFileError)
+
 
 @dataclass
 class Cell:
@@ -24,9 +43,9 @@ class Cell:
         return f"{c.defense} x {c.threat} x {c.dataset} x {c.classifier or 'default'} x seed {c.seed}"
 
 
-def expand(spec: GridSpec) -> list[RunConfig]:
-
-    cfgs = []
+def _expand(spec: GridSpec) -> list[tuple[RunConfig, tuple[str, ...]]]:
+    """Every cell's RunConfig, with where in the file each of its overrides was written."""
+    cells = []
     for ds in spec.datasets:
         clfs = [c for c in spec.classifiers if c.datasets is None or ds.name in c.datasets] if spec.classifiers else [None]
         if spec.classifiers and not clfs:
@@ -36,16 +55,78 @@ def expand(spec: GridSpec) -> list[RunConfig]:
                 for t in spec.threats:
                     for seed in spec.seeds:
                         over = spec.overrides + ds.overrides + (clf.overrides if clf else ()) + d.overrides + t.overrides
-                        cfgs.append(
-                            RunConfig(
-                                defense=d.name, threat=t.name, dataset=ds.name,
-                                classifier=clf.name if clf else None, weights=clf.weights if clf else None,
-                                model_dir=clf.model_dir if clf else None, data_dir=ds.data_dir,
-                                n_examples=ds.n_examples or spec.n_examples, seed=seed, data_seed=spec.data_seed,
-                                overrides=over, plugins=spec.plugins,
-                            )
+                        where = spec.set_where + ds.set_where + (clf.set_where if clf else ()) + d.set_where + t.set_where
+                        cfg = RunConfig(
+                            defense=d.name, threat=t.name, dataset=ds.name,
+                            classifier=clf.name if clf else None, weights=clf.weights if clf else None,
+                            model_dir=clf.model_dir if clf else None, data_dir=ds.data_dir,
+                            n_examples=ds.n_examples or spec.n_examples, seed=seed, data_seed=spec.data_seed,
+                            overrides=over, plugins=spec.plugins,
                         )
-    return cfgs
+                        cells.append((cfg, where))
+    return cells
+
+
+def expand(spec: GridSpec) -> list[RunConfig]:
+    """The RunConfig of every cell: the product of the axes, with the overrides of every level."""
+    return [cfg for cfg, _ in _expand(spec)]
+
+
+def check_names(spec: GridSpec) -> None:
+    """Load the grid's plugins and look up every name it gives; GridError with the line otherwise."""
+    from harness.classifiers import classifier_entry
+    from harness.core.defense import DEFENSES
+    from harness.core.plugins import load_builtin, load_plugin
+    from harness.data import DATASETS
+    from threat_models.specs import THREATS
+
+    load_builtin()
+    for plugin, where in zip(spec.plugins, spec.plugins_where, strict=True):
+        try:
+            load_plugin(plugin)
+        except HarnessError as exc:
+            raise GridError(f"{where}: {exc}") from None
+    lookups = {"defenses": DEFENSES.get, "threats": THREATS.get, "datasets": DATASETS.get, "classifiers": classifier_entry}
+    for axis, get in lookups.items():
+        for entry in getattr(spec, axis):
+            _check_name(entry.name, get, f"{entry.where}: {axis}")
+    for clf in spec.classifiers:
+        for ds in clf.datasets or ():
+            _check_name(ds, DATASETS.get, f"{clf.where}: classifiers: datasets")
+
+
+def _check_name(name: str, get, where: str) -> None:
+    try:
+        get(name)
+    except HarnessError as exc:
+        hint = ""
+        if len(name.split()) > 1 and all(_known(part, get) for part in name.split()):
+            hint = "; it reads as one name: put each entry on its own '- ' line at the same indentation"
+        raise GridError(f"{where}: {exc}{hint}") from None
+
+
+def _known(name: str, get) -> bool:
+    try:
+        get(name)
+    except HarnessError:
+        return False
+    return True
+
+
+def _culprit(cfg: RunConfig, origins: tuple[str, ...], message: str) -> str | None:
+    """Where the ``set`` pair that makes a cell fail was written: the shortest prefix of the
+    cell's overrides whose resolution fails with the same message (None: no ``set`` pair)."""
+
+    def fails(n: int) -> bool:
+        try:
+            resolve(dataclasses.replace(cfg, overrides=cfg.overrides[:n], device="cpu"))
+        except HarnessError as exc:
+            return str(exc) == message
+        return False
+
+    if fails(0):
+        return None
+    return next((origins[n - 1] for n in range(1, len(origins) + 1) if fails(n)), None)
 
 
 def cell_key(cfg: RunConfig) -> str:
@@ -53,19 +134,26 @@ def cell_key(cfg: RunConfig) -> str:
     return "skip-" + hashlib.sha256(dumps(dataclasses.asdict(cfg)).encode()).hexdigest()[:59]
 
 
-def plan(spec: GridSpec, store: Store, *, force: bool = False) -> list[Cell]:
-    """Resolve every cell (on the CPU), mark done / skipped / pending."""
+def plan(spec: GridSpec, store: Store | None, *, force: bool = False) -> list[Cell]:
+    """Resolve every cell (on the CPU), mark done / skipped / pending.
+
+    ``store`` None plans against an empty store (a dry run on a store that does not exist).
+
+    Raises:
+        GridError: a mistake in the grid (see the module docstring), before anything runs.
+    """
+    check_names(spec)
     cells = []
-    for cfg in expand(spec):
+    for cfg, origins in _expand(spec):
         cell = Cell(cfg=cfg)
         try:
             cell.job = resolve(dataclasses.replace(cfg, device="cpu"))
             cell.job_id = cell.job.job_id
-        except IncompatibleError as exc:
+        except SKIPPED_ERRORS as exc:
             cell.state, cell.reason, cell.job_id = "skipped", str(exc), cell_key(cfg)
         except HarnessError as exc:
-            cell.state, cell.reason, cell.job_id = "skipped", str(exc), cell_key(cfg)
-        if cell.state == "pending":
+            raise GridError(f"{_culprit(cfg, origins, str(exc)) or spec.path}: {exc} (cell {cell.label()})") from None
+        if cell.state == "pending" and store is not None:
             row = store.get_job(cell.job_id)
             if row is not None and row.status == "done" and not force:
                 cell.state = "done"

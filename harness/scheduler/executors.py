@@ -12,12 +12,14 @@ import dataclasses
 import os
 import queue
 import signal
+import sys
 import traceback
 from pathlib import Path
 from typing import Any, Iterator
 
 from harness.core.registry import HarnessError
 from harness.evaluation import RunConfig, iter_batches, resolve
+from harness.scheduler.reaper import Reaper
 from harness.store import Store
 
 
@@ -42,6 +44,10 @@ def _die_with_parent() -> None:
 
 def _worker_main(device: str, tasks, results, threads: int | None, store_url: str) -> None:
     _die_with_parent()
+    # Ctrl-C reaches the whole process group: the parent alone stops the grid, and ends its workers
+    # with SIGTERM, on which a worker exits through its normal shutdown (no leaked semaphores)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     import torch
 
     if threads:
@@ -59,7 +65,7 @@ def _worker_main(device: str, tasks, results, threads: int | None, store_url: st
             for b, payload in iter_batches(job, set(skip), adv_lookup=reader.get_adv):
                 results.put(("batch", job_id, b, payload))
             results.put(("done", job_id, None, None))
-        except BaseException as exc:  # report, then keep serving other jobs
+        except Exception as exc:  # report, then keep serving other jobs
             msg = str(exc) if isinstance(exc, HarnessError) else f"{type(exc).__name__}: {exc}"
             results.put(("error", job_id, None, msg + ("" if isinstance(exc, HarnessError) else "\n" + traceback.format_exc(limit=3))))
 
@@ -121,19 +127,25 @@ class RayExecutor:
             import ray
         except ImportError:
             raise HarnessError("--executor ray needs Ray: pip install 'ray==2.60.0'") from None
-        started = False
-        if not ray.is_initialized():
-            kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "ignore_reinit_error": True}
-            if self.address:
-                kw["address"] = self.address
-            elif self.num_cpus:
-                kw["num_cpus"] = self.num_cpus
-            # workers import the harness from the same source tree as the driver
-            root = str(Path(__file__).resolve().parents[2])
-            kw["runtime_env"] = {"env_vars": {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}}
-            ray.init(**kw)
-            started = True
+        started, reaper = False, None
         try:
+            if not ray.is_initialized():
+                kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "ignore_reinit_error": True}
+                if self.address:
+                    kw["address"] = self.address
+                else:  # a private cluster: the reaper ends what a killed driver would leave running
+                    reaper = Reaper()
+                    if self.num_cpus:
+                        kw["num_cpus"] = self.num_cpus
+                # workers import the harness from the same source tree as the driver
+                root = str(Path(__file__).resolve().parents[2])
+                kw["runtime_env"] = {"env_vars": {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}}
+                try:
+                    ray.init(**kw)
+                    started = True
+                finally:
+                    if reaper is not None:
+                        reaper.track(force=True)
             task = ray.remote(num_returns="streaming")(_ray_job)
             gens = {}
             for t in tasks_in:
@@ -141,6 +153,8 @@ class RayExecutor:
                 ref = task.options(**opts).remote(t.job_id, t.cfg, list(t.skip), store_url, self.gpus_per_job > 0)
                 gens[ref] = t.job_id
             while gens:
+                if reaper is not None:
+                    reaper.track()  # task workers start as tasks are scheduled
                 ready, _ = ray.wait(list(gens), num_returns=1, timeout=10)
                 for gen in ready:
                     job_id = gens[gen]
@@ -161,6 +175,8 @@ class RayExecutor:
         finally:
             if started:
                 ray.shutdown()
+            if reaper is not None:
+                reaper.close()
 
 
 def _ray_job(job_id: str, cfg: RunConfig, skip: list[int], store_url: str, gpu: bool) -> Iterator[tuple[int, dict]]:

@@ -26,9 +26,12 @@ A grid file::
         weights: /models/resnet20-12fca82f.th
         datasets: [cifar10]
 
-The cells are the product defenses x threats x datasets x classifiers x seeds. A cell
-that cannot run (an incompatible pair, missing weights) is stored as ``skipped`` with the
-reason. Only the parent process writes to the store: workers (one process per device,
+The cells are the product defenses x threats x datasets x classifiers x seeds. A mistake
+in the file (a key or name that does not exist, a duplicated key, an invalid ``set``
+value, a missing plugin file, bytes that are not UTF-8) stops the grid before any job
+runs, with one line naming the file, the line and the key. A valid cell that cannot run
+is stored as ``skipped`` with the reason (see :mod:`harness.scheduler.cells` for the
+rule). Only the parent process writes to the store: workers (one process per device,
 or Ray tasks) stream each finished batch back, and the parent writes it at once, so a
 killed grid loses at most the batches in flight and a rerun continues mid-job.
 """
@@ -42,8 +45,16 @@ from typing import Any
 import yaml
 
 from harness.core.registry import HarnessError, suggest
+from harness.data import MAX_DATA_SEED
 
-TOP_KEYS = {"name", "n_examples", "seeds", "seed", "data_seed", "data_seeds", "set", "plugins", "defenses", "threats", "datasets", "classifiers", "device"}
+TOP_KEYS = {
+    "name", "n_examples", "seeds", "seed", "data_seed", "set", "plugins", "defenses", "threats", "datasets", "classifiers",
+}
+#: Keys a grid file might plausibly hold that the harness does not read: an error, never silence.
+UNSUPPORTED_KEYS = {
+    "data_seeds": "one data_seed per grid file (run a second file for another subset)",
+    "device": "devices are chosen on the command line: harness grid FILE --devices cuda:0,cuda:1",
+}
 AXIS_KEYS = {
     "defenses": {"name", "set"},
     "threats": {"name", "set"},
@@ -65,12 +76,22 @@ def _construct_mapping(loader, node, deep=False):
     lines = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
         if not isinstance(key, (str, int, float, bool)) or key is None:
-            raise GridError(f"line {key_node.start_mark.line + 1}: mapping keys must be names")
+            raise GridError(f"line {line}: mapping keys must be names")
+        if key in mapping:  # YAML keeps the last silently; a grid never means that
+            raise GridError(f"line {line}: duplicate key '{key}' (first given on line {lines[key]})")
         mapping[key] = loader.construct_object(value_node, deep=True)
-        lines[key] = key_node.start_mark.line + 1
+        lines[key] = line
     out = _Map(mapping)
     out.lines = lines
+    out.line = node.start_mark.line + 1
+    return out
+
+
+def _construct_sequence(loader, node, deep=False):
+    out = _Seq(loader.construct_object(child, deep=True) for child in node.value)
+    out.lines = [child.start_mark.line + 1 for child in node.value]
     out.line = node.start_mark.line + 1
     return out
 
@@ -80,11 +101,20 @@ class _Map(dict):
     line: int
 
 
+class _Seq(list):
+    lines: list
+    line: int
+
+
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
 
 
 @dataclass(frozen=True)
 class AxisEntry:
+    """One entry of an axis. ``where`` is its place in the file (``FILE: line N``) and
+    ``set_where`` the place of each of its ``overrides``, for error messages."""
+
     name: str
     overrides: tuple[tuple[str, str], ...] = ()
     data_dir: str | None = None
@@ -92,10 +122,14 @@ class AxisEntry:
     weights: str | None = None
     model_dir: str | None = None
     datasets: tuple[str, ...] | None = None
+    where: str = ""
+    set_where: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class GridSpec:
+    """A parsed grid file; the ``*where`` fields say where each part was written (error messages)."""
+
     name: str
     defenses: tuple[AxisEntry, ...]
     threats: tuple[AxisEntry, ...]
@@ -106,26 +140,33 @@ class GridSpec:
     n_examples: int | None = None
     overrides: tuple[tuple[str, str], ...] = ()
     plugins: tuple[str, ...] = ()
+    path: str = ""
+    set_where: tuple[str, ...] = ()
+    plugins_where: tuple[str, ...] = ()
 
 
-def _where(path: str, m: Any, key: str | None = None) -> str:
+def _where(path: str, m: Any, key: Any = None) -> str:
     line = None
     if isinstance(m, _Map):
         line = m.lines.get(key, m.line) if key is not None else m.line
+    elif isinstance(m, _Seq):
+        line = m.lines[key] if isinstance(key, int) and key < len(m.lines) else m.line
     return f"{path}: line {line}" if line else path
 
 
-def _overrides(value: Any, where: str) -> tuple[tuple[str, str], ...]:
+def _overrides(value: Any, where: str, path: str) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+    """A ``set`` mapping -> ((key, value) pairs, where each pair was written)."""
     if value is None:
-        return ()
+        return (), ()
     if not isinstance(value, dict):
         raise GridError(f"{where}: 'set' must be a mapping of key: value")
-    out = []
+    out, wheres = [], []
     for k, v in value.items():
         if isinstance(v, (list, tuple)):
             v = ",".join(map(str, v))
         out.append((str(k), str(v)))
-    return tuple(out)
+        wheres.append(_where(path, value, k))
+    return tuple(out), tuple(wheres)
 
 
 def _axis(doc: _Map, axis: str, path: str, required: bool) -> tuple[AxisEntry, ...]:
@@ -137,27 +178,31 @@ def _axis(doc: _Map, axis: str, path: str, required: bool) -> tuple[AxisEntry, .
     if not isinstance(items, list) or not items:
         raise GridError(f"{_where(path, doc, axis)}: '{axis}' must be a non-empty list")
     out = []
-    for item in items:
+    for i, item in enumerate(items):
         if isinstance(item, str):
-            out.append(AxisEntry(name=item))
+            out.append(AxisEntry(name=item, where=_where(path, items, i)))
             continue
-        if not isinstance(item, dict) or "name" not in item:
-            raise GridError(f"{_where(path, doc, axis)}: each entry of '{axis}' is a name or a mapping with 'name'")
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise GridError(f"{_where(path, items, i)}: each entry of '{axis}' is a name or a mapping with 'name'")
         for k in item:
             if k not in AXIS_KEYS[axis]:
                 raise GridError(f"{_where(path, item, k)}: unknown key '{k}' in {axis}{suggest(str(k), sorted(AXIS_KEYS[axis]))}")
         w = _where(path, item)
         n = item.get("n_examples")
-        if n is not None and (not isinstance(n, int) or n < 1):
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
             raise GridError(f"{_where(path, item, 'n_examples')}: n_examples must be a positive integer")
         ds = item.get("datasets")
         if ds is not None and not (isinstance(ds, list) and all(isinstance(d, str) for d in ds)):
             raise GridError(f"{_where(path, item, 'datasets')}: 'datasets' must be a list of dataset names")
+        for k in ("data_dir", "weights", "model_dir"):
+            if item.get(k) is not None and not isinstance(item[k], str):
+                raise GridError(f"{_where(path, item, k)}: '{k}' must be a path")
+        overrides, set_where = _overrides(item.get("set"), w, path)
         out.append(
             AxisEntry(
-                name=str(item["name"]), overrides=_overrides(item.get("set"), w), data_dir=item.get("data_dir"),
+                name=item["name"], overrides=overrides, data_dir=item.get("data_dir"),
                 n_examples=n, weights=item.get("weights"), model_dir=item.get("model_dir"),
-                datasets=tuple(ds) if ds is not None else None,
+                datasets=tuple(ds) if ds is not None else None, where=_where(path, item, "name"), set_where=set_where,
             )
         )
     return tuple(out)
@@ -177,27 +222,45 @@ def load_grid(path: str | Path) -> GridSpec:
     if not p.is_file():
         raise GridError(f"grid file {path} does not exist")
     try:
-        doc = yaml.load(p.read_text(), Loader=_LineLoader)
+        raw = p.read_bytes()
+        text = raw.decode("utf-8")
+    except OSError as exc:
+        raise GridError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise GridError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the file as UTF-8") from None
+    try:
+        doc = yaml.load(text, Loader=_LineLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f"line {mark.line + 1}: " if mark is not None else ""
         raise GridError(f"{path}: {line}invalid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    except GridError as exc:  # raised while building a mapping: add the file
+        raise GridError(f"{path}: {exc}") from None
     if not isinstance(doc, _Map):
         raise GridError(f"{path}: a grid file is a mapping with defenses, threats and datasets")
     for k in doc:
+        if k in UNSUPPORTED_KEYS:
+            raise GridError(f"{_where(str(path), doc, k)}: '{k}' is not supported in a grid file: {UNSUPPORTED_KEYS[k]}")
         if k not in TOP_KEYS:
             raise GridError(f"{_where(str(path), doc, k)}: unknown key '{k}'{suggest(str(k), sorted(TOP_KEYS))}")
     sp = str(path)
+    if "seeds" in doc and "seed" in doc:
+        raise GridError(f"{_where(sp, doc, 'seed')}: give 'seeds' or 'seed', not both")
     seeds = _int_list(doc, "seeds", sp) if "seeds" in doc else (_int_list(doc, "seed", sp) if "seed" in doc else (0,))
     data_seed = _int_list(doc, "data_seed", sp)[0] if "data_seed" in doc else 0
+    if isinstance(doc.get("data_seed"), list) or not 0 <= data_seed <= MAX_DATA_SEED:
+        raise GridError(f"{_where(sp, doc, 'data_seed')}: data_seed must be one integer in 0..{MAX_DATA_SEED}")
     n = doc.get("n_examples")
-    if n is not None and (not isinstance(n, int) or n < 1):
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
         raise GridError(f"{_where(sp, doc, 'n_examples')}: n_examples must be a positive integer")
     plugins = doc.get("plugins") or []
-    if not isinstance(plugins, list):
+    if not isinstance(plugins, list) or not all(isinstance(pl, str) for pl in plugins):
         raise GridError(f"{_where(sp, doc, 'plugins')}: 'plugins' must be a list of files or modules")
     base = p.parent
+    plugins_where = tuple(f"{_where(sp, plugins, i)}: plugins" for i in range(len(plugins)))
     plugins = tuple(str((base / pl).resolve()) if str(pl).endswith(".py") and not Path(pl).is_absolute() else str(pl) for pl in plugins)
+    overrides, set_where = _overrides(doc.get("set"), _where(sp, doc, "set"), sp)
     return GridSpec(
         name=str(doc.get("name", p.stem)),
         defenses=_axis(doc, "defenses", sp, True),
@@ -207,6 +270,9 @@ def load_grid(path: str | Path) -> GridSpec:
         seeds=seeds,
         data_seed=data_seed,
         n_examples=n,
-        overrides=_overrides(doc.get("set"), _where(sp, doc, "set")),
+        overrides=overrides,
         plugins=plugins,
+        path=sp,
+        set_where=set_where,
+        plugins_where=plugins_where,
     )

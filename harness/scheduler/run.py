@@ -34,9 +34,10 @@ class GridSummary:
         return out
 
 
-def _record_skips(cells: list[Cell], store: Store) -> None:
+def _record_skips(cells: list[Cell], store: Store, log) -> None:
     for c in cells:
         if c.state == "skipped":
+            log(f"  skipped {c.label()}: {c.reason}")
             store.record_skip(
                 c.job_id, c.reason or "", defense=c.cfg.defense, threat=c.cfg.threat, dataset=c.cfg.dataset,
                 classifier=c.cfg.classifier or "default", seed=c.cfg.seed, n_examples=c.cfg.n_examples or 0,
@@ -55,7 +56,7 @@ def _executor(executor: str, devices: list[str] | None, address: str | None, ray
 
 def run_grid(
     spec: GridSpec,
-    store: Store,
+    store: Store | None,
     *,
     executor: str = "local",
     devices: list[str] | None = None,
@@ -64,14 +65,22 @@ def run_grid(
     force: bool = False,
     dry_run: bool = False,
     log=print,
+    cells: list[Cell] | None = None,
 ) -> GridSummary:
-    """Plan ``spec`` against ``store`` and run every pending cell (see the module docstring)."""
-    cells = plan(spec, store, force=force)
+    """Plan ``spec`` against ``store`` and run every pending cell (see the module docstring).
+
+    A mistake in the grid raises GridError before anything runs or is stored. ``cells``:
+    the cells :func:`~harness.scheduler.cells.plan` already gave (planned against a
+    read-only view of the store, say). ``dry_run`` only plans (``store`` may then be None).
+    """
+    cells = plan(spec, store, force=force) if cells is None else cells
     summary = GridSummary(cells)
     if dry_run:
         return summary
+    if store is None:
+        raise HarnessError("run_grid needs a store unless dry_run")
     run = _executor(executor, devices, address, ray_cpus)
-    _record_skips(cells, store)
+    _record_skips(cells, store, log)
     todo = [c for c in cells if c.state == "pending"]
     writers = {c.job_id: JobWriter(store, c.job, force=force) for c in todo}
     by_id = {c.job_id: c for c in todo}

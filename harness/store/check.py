@@ -84,8 +84,9 @@ def _matches(job, key: dict) -> bool:
     return True
 
 
-def check(table: str | Path, store: Store) -> list[CheckRow]:
-    rows = load_table(table)
+def check(table: str | Path | list[CheckRow], store: Store) -> list[CheckRow]:
+    """Compare every row of ``table`` (a CSV path or its :func:`load_table` rows) with the store."""
+    rows = table if isinstance(table, list) else load_table(table)
     jobs = store.jobs(status="done")
     for row in rows:
         found = [j for j in jobs if _matches(j, row.key)]

@@ -8,15 +8,18 @@ nothing.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote
 
 import numpy as np
-from sqlalchemy import create_engine, delete, event, select
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy import create_engine, delete, event, inspect, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from harness.core.registry import HarnessError
@@ -45,75 +48,248 @@ def resolve_url(db: str | None) -> str:
     return f"sqlite:///{Path(db).expanduser()}"
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The database file behind a SQLite URL (None for in-memory and other databases)."""
+    if not url.startswith("sqlite"):
+        return None
+    rest = url.split("://", 1)[1] if "://" in url else ""
+    if not rest.startswith("/"):
+        return None  # sqlite:// (memory)
+    path = rest[1:].partition("?")[0]
+    if path.startswith("file:"):
+        path = unquote(path[5:])
+    if path in ("", ":memory:"):
+        return None
+    return Path(path).expanduser()
+
+
+def readonly_url(db: str | None) -> str:
+    """``--db`` (path or URL) -> a URL SQLite opens read-only (``mode=ro``: it never creates the file).
+
+    Other databases are passed through: point readers at a read-only role there.
+    """
+    url = resolve_url(db)
+    path = sqlite_file(url)
+    if path is None:
+        return url
+    # on a read-only file system SQLite cannot create the WAL index a reader needs; nothing
+    # can write there either, so the file is opened as immutable
+    mode = "mode=ro&immutable=1" if _read_only_fs(path) else "mode=ro"
+    return f"sqlite:///file:{quote(str(path.resolve()))}?{mode}&uri=true"
+
+
+def store_missing(db: str | None) -> bool:
+    """Whether ``db`` names a SQLite file that does not exist (yet)."""
+    path = sqlite_file(resolve_url(db))
+    return path is not None and not path.exists()
+
+
+def _read_only_fs(path: Path) -> bool:
+    """Whether ``path`` (or its folder) lies on a file system mounted read-only."""
+    try:
+        return bool(os.statvfs(path if path.exists() else path.parent).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # no statvfs (Windows)
+        return False
+
+
 def utcnow() -> datetime:
     """Timezone-aware now (UTC)."""
     return datetime.now(timezone.utc)
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _reads(fn):
+    """A read method whose database errors become one-line HarnessErrors."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except SQLAlchemyError as exc:
+            raise self._error(exc) from exc
+
+    return wrapper
+
+
 class Store:
-    """Read and write jobs. Safe for several writer processes on one SQLite file (WAL)."""
+    """Read and write jobs. Safe for several writer processes on one SQLite file (WAL).
+
+    On SQLite every write transaction starts with ``BEGIN IMMEDIATE``: it takes the
+    file's write lock before its first read, so a check-then-insert (a batch already
+    written? an adversarial-cache entry already there? the schema already created?) is
+    atomic across processes; other processes wait for the lock (60 s) instead of
+    failing. Reads run in ordinary (deferred) transactions and never block writers.
+    Creating the schema is one such transaction, so any number of processes may open a
+    store that does not exist yet at the same time.
+
+    ``read_only=True`` never creates or writes anything: a SQLite file is opened with
+    ``mode=ro``, and a missing file, or one that holds no results store, is a one-line
+    error.
+    """
 
     def __init__(self, url: str | None = None, *, read_only: bool = False):
         self.url = resolve_url(url)
-        kwargs: dict[str, Any] = {}
-        if self.url.startswith("sqlite"):
-            kwargs["connect_args"] = {"timeout": 60}
-            path = self.url.split("sqlite:///", 1)[-1] if "sqlite:///" in self.url else ""
-            if path and path != ":memory:" and not read_only:
-                parent = Path(path).parent
-                if not parent.exists():
-                    raise HarnessError(f"results store folder {parent} does not exist")
-        self.engine = create_engine(self.url, **kwargs)
-        if self.url.startswith("sqlite"):
+        self.read_only = read_only
+        self._path = sqlite_file(self.url)
+        if self._path is not None:
+            self._check_path(self._path)
+        self.engine = self._engine(readonly_url(self.url) if read_only else self.url)
+        # write transactions: BEGIN IMMEDIATE on SQLite (see _begin)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._write_sessions = sessionmaker(self.engine.execution_options(harness_write=True), expire_on_commit=False)
+        if read_only:
+            self._check_schema()
+        else:
+            self._create_schema()
 
-            @event.listens_for(self.engine, "connect")
-            def _pragmas(dbapi_conn, _record):  # WAL lets readers run while a writer writes
+    def close(self) -> None:
+        """Close the store's connections (SQLite then folds its write-ahead log into the file)."""
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------ opening
+    def _where(self) -> str:
+        if self._path is not None:
+            return str(self._path)
+        try:
+            return make_url(self.url).render_as_string(hide_password=True)
+        except ArgumentError:
+            return "'" + self.url + "'"
+
+    def _error(self, exc: BaseException) -> HarnessError:
+        """One line naming the store and what went wrong."""
+        msg = _first_line(exc)
+        low = msg.lower()
+        if "readonly" in low or "read-only" in low:
+            return HarnessError(f"results store {self._where()} cannot be written (a read-only file or folder?): {msg}")
+        if "not a database" in low:
+            return HarnessError(f"results store {self._where()} is not a SQLite database ({msg})")
+        return HarnessError(f"results store {self._where()}: {type(exc).__name__}: {msg}")
+
+    def _check_path(self, path: Path) -> None:
+        if path.is_dir():
+            raise HarnessError(f"results store {path} is a folder; give a file, e.g. {path / DEFAULT_DB}")
+        if self.read_only:
+            if not path.exists():
+                raise HarnessError(f"results store {path} does not exist")
+            return
+        folder = path.parent
+        if not folder.is_dir():
+            raise HarnessError(f"results store folder {folder} does not exist")
+        # SQLite writes the file and, beside it, its write-ahead log
+        if _read_only_fs(folder) or not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise HarnessError(f"results store {path} cannot be written: the file or its folder is read-only")
+
+    def _engine(self, url: str):
+        try:
+            make_url(url)
+            engine = create_engine(url, **({"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}))
+        except NoSuchModuleError:  # (an ArgumentError)
+            raise HarnessError(f"--db {self._where()}: unknown database kind '{self.url.split(':', 1)[0]}'") from None
+        except ArgumentError as exc:
+            msg = f"--db {self.url!r} is neither a file path nor a valid database URL ({_first_line(exc)})"
+            raise HarnessError(msg) from None
+        except ImportError as exc:
+            msg = f"--db {self._where()} needs a database driver that is not installed ({_first_line(exc)})"
+            raise HarnessError(msg) from None
+        if url.startswith("sqlite"):
+            read_only = self.read_only
+
+            @event.listens_for(engine, "connect")
+            def _pragmas(dbapi_conn, _record):
+                dbapi_conn.isolation_level = None  # transactions are begun by _begin, not by the driver
                 cur = dbapi_conn.cursor()
-                if not read_only:
-                    cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute("PRAGMA busy_timeout=60000")
+                if read_only:
+                    cur.execute("PRAGMA query_only=ON")
+                else:
+                    cur.execute("PRAGMA journal_mode=WAL")  # readers run while a writer writes
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.close()
 
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        if not read_only:
-            self._retry(lambda: Base.metadata.create_all(self.engine))
-            self._retry(self._stamp_schema)
+            @event.listens_for(engine, "begin")
+            def _begin(conn):
+                conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("harness_write") else "BEGIN")
 
-    def _stamp_schema(self):
-        with self._sessions.begin() as s:
+        return engine
+
+    def _create_schema(self) -> None:
+        """Create the tables and the schema-version row if missing (idempotent, one transaction)."""
+
+        def fn(s: Session) -> None:
+            Base.metadata.create_all(s.connection())  # checks and creates under the write lock
             row = s.get(MetaRow, "schema_version")
             if row is None:
                 s.add(MetaRow(key="schema_version", value=str(SCHEMA_VERSION)))
-            elif int(row.value) != SCHEMA_VERSION:
-                raise HarnessError(f"{self.url} has schema version {row.value}; this harness writes {SCHEMA_VERSION}")
+            else:
+                self._check_version(row.value)
+
+        # another server-database process may create the same tables at the same moment:
+        # the loser's retry then finds them
+        self._write(fn, retry_on=(IntegrityError, ProgrammingError))
+
+    def _check_version(self, value: str) -> None:
+        if value != str(SCHEMA_VERSION):
+            raise HarnessError(
+                f"results store {self._where()} has schema version {value}; this harness reads and writes {SCHEMA_VERSION}"
+            )
+
+    @_reads
+    def _check_schema(self) -> None:
+        with self.engine.connect() as conn:
+            tables = inspect(conn)
+            if not tables.has_table("jobs"):
+                raise HarnessError(f"results store {self._where()} holds no results (no 'jobs' table)")
+            if tables.has_table("meta"):
+                value = conn.execute(select(MetaRow.value).where(MetaRow.key == "schema_version")).scalar()
+                if value is not None:
+                    self._check_version(value)
 
     # ------------------------------------------------------------------ plumbing
     @staticmethod
-    def _retry(fn, attempts: int = 8):
-        """Retry on SQLite 'database is locked' with backoff (several concurrent writers)."""
+    def _retry(fn, attempts: int = 8, retry_on: tuple[type[Exception], ...] = ()):
+        """Retry on SQLite 'database is locked' with backoff, and at most twice on ``retry_on``."""
+        conflicts = 0
         for i in range(attempts):
             try:
                 return fn()
+            except retry_on:
+                conflicts += 1
+                if conflicts > 2 or i == attempts - 1:
+                    raise
             except OperationalError as exc:
                 if "locked" not in str(exc).lower() and "busy" not in str(exc).lower() or i == attempts - 1:
                     raise
-                time.sleep(0.05 * 2**i)
+            time.sleep(0.05 * 2**i)
 
     def session(self) -> Session:
+        """A session for reading (writes go through the store's methods)."""
         return self._sessions()
 
-    def _write(self, fn):
+    def _write(self, fn, retry_on: tuple[type[Exception], ...] = (IntegrityError,)):
+        """Run ``fn(session)`` in one write transaction; database errors become one-line HarnessErrors.
+
+        An IntegrityError is retried (twice at most): on a server database two transactions
+        can both find a row absent and both insert it, and the retry then finds the other's
+        row (every write here checks before it inserts). On SQLite the write lock rules that out.
+        """
+        if self.read_only:
+            raise HarnessError(f"results store {self._where()} was opened read-only")
+
         def tx():
-            with self._sessions.begin() as s:
+            with self._write_sessions.begin() as s:
                 return fn(s)
 
         try:
-            return self._retry(tx)
+            return self._retry(tx, retry_on=retry_on)
         except SQLAlchemyError as exc:
-            raise HarnessError(f"results store {self.url}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+            raise self._error(exc) from exc
 
     # ------------------------------------------------------------------ jobs
+    @_reads
     def get_job(self, job_id: str) -> Job | None:
         with self.session() as s:
             return s.get(Job, job_id)
@@ -153,6 +329,7 @@ class Store:
 
         self._write(fn)
 
+    @_reads
     def done_batches(self, job_id: str) -> set[int]:
         with self.session() as s:
             return set(s.scalars(select(BatchRow.batch).where(BatchRow.job_id == job_id)))
@@ -179,6 +356,8 @@ class Store:
         extra: dict | None = None,
         adv_cache: tuple[str, dict] | None = None,
     ) -> None:
+        # insert-or-ignore under the write lock: an entry another process stored first stays, and is
+        # what every later lookup reads (entries under one key hold the same examples)
         if adv_cache is not None and s.get(AdvCacheRow, adv_cache[0]) is None:
             s.add(AdvCacheRow(key=adv_cache[0], payload=pack_adv(adv_cache[1]), created_at=utcnow()))
         if s.scalar(select(BatchRow.id).where(BatchRow.job_id == job_id, BatchRow.batch == batch)) is not None:
@@ -188,6 +367,7 @@ class Store:
         for smp in samples or []:
             s.add(SampleRow(job_id=job_id, position=smp["position"], images=encode_images(**smp["images"])))
 
+    @_reads
     def get_adv(self, key: str) -> dict | None:
         """Cached adversarial examples for ``key`` (see harness.evaluation.batch.adv_cache_key), or None."""
         with self.session() as s:
@@ -211,10 +391,12 @@ class Store:
 
         self._write(fn)
 
+    @_reads
     def batch_rows(self, job_id: str) -> list[BatchRow]:
         with self.session() as s:
             return list(s.scalars(select(BatchRow).where(BatchRow.job_id == job_id).order_by(BatchRow.batch)))
 
+    @_reads
     def example_rows(self, job_id: str) -> list[ExampleRow]:
         with self.session() as s:
             return list(s.scalars(select(ExampleRow).where(ExampleRow.job_id == job_id).order_by(ExampleRow.position)))
@@ -252,10 +434,12 @@ class Store:
         job.timings, job.nfe, job.environment = timings, nfe, environment
         job.finished_at = utcnow()
 
+    @_reads
     def metrics(self, job_id: str) -> dict[str, MetricRow]:
         with self.session() as s:
             return {m.name: m for m in s.scalars(select(MetricRow).where(MetricRow.job_id == job_id))}
 
+    @_reads
     def curves(self, job_id: str) -> dict[str, list[float]]:
         with self.session() as s:
             rows = s.scalars(select(CurveRow).where(CurveRow.job_id == job_id).order_by(CurveRow.attack, CurveRow.iteration))
@@ -264,11 +448,19 @@ class Store:
                 out.setdefault(r.attack, []).append(r.accuracy)
             return out
 
+    @_reads
     def samples(self, job_id: str) -> list[tuple[int, dict[str, np.ndarray]]]:
         with self.session() as s:
             rows = s.scalars(select(SampleRow).where(SampleRow.job_id == job_id).order_by(SampleRow.position))
             return [(r.position, decode_images(r.images)) for r in rows]
 
+    @_reads
+    def find_jobs(self, prefix: str) -> list[Job]:
+        """The jobs whose id starts with ``prefix``."""
+        with self.session() as s:
+            return list(s.scalars(select(Job).where(Job.id.startswith(prefix, autoescape=True))))
+
+    @_reads
     def jobs(self, status: str | None = None) -> list[Job]:
         with self.session() as s:
             q = select(Job).order_by(Job.created_at)
@@ -276,6 +468,7 @@ class Store:
                 q = q.where(Job.status == status)
             return list(s.scalars(q))
 
+    @_reads
     def results_table(self, status: str | None = "done") -> list[dict[str, Any]]:
         """One flat dict per job with its headline metrics (for ``harness results``)."""
         out = []
