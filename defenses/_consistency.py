@@ -33,7 +33,7 @@ from torch import nn
 
 from defenses._diffusion import discrete_alpha_bar
 from harness.core.env import sha256_file
-from harness.core.registry import HarnessError, first_line
+from harness.core.registry import HarnessError, MissingFileError, first_line
 
 SIGMA_DATA, T_MIN, T_MAX, RHO = 0.5, 0.002, 80.0, 7.0
 TIME_INPUTS = ("log", "ddpm-index")
@@ -129,7 +129,7 @@ def load_consistency(path: Path) -> tuple[ConsistencyFunction, dict[str, Any]]:
 
     recipe_path = path.with_suffix(".json")
     if not path.is_file():
-        raise HarnessError(f"consistency model '{path}' does not exist")
+        raise MissingFileError(f"consistency model '{path}' does not exist")
     if not recipe_path.is_file():
         raise HarnessError(f"consistency model '{path}' has no recipe '{recipe_path.name}' beside it (it holds the architecture)")
     try:

@@ -62,7 +62,7 @@ from harness.core.defense import (
     register_defense,
 )
 from harness.core.env import WEIGHTS_DIR
-from harness.core.registry import HarnessError
+from harness.core.registry import HarnessError, MissingFileError
 from harness.evaluation.quality import ssim
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
@@ -168,7 +168,7 @@ class CMAP(Defense):
         if self.cm is None:
             path = Path(self.config.model_path) if self.config.model_path else (ctx.weights_dir or WEIGHTS_DIR) / f"{ctx.dataset}-cm.pt"
             if not path.is_file():
-                raise HarnessError(
+                raise MissingFileError(
                     f"consistency model '{path}' for dataset '{ctx.dataset}' is missing: train it with "
                     f"`harness train consistency --dataset {ctx.dataset}` or pass --set model_path=FILE.pt"
                 )

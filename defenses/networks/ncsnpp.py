@@ -51,7 +51,7 @@ from torch import nn
 
 from defenses.networks import layers as L
 from harness.core.env import _file_digest
-from harness.core.registry import HarnessError
+from harness.core.registry import HarnessError, MissingFileError
 
 _ACTIVATIONS = {"swish": nn.SiLU, "elu": nn.ELU, "relu": nn.ReLU, "lrelu": lambda: nn.LeakyReLU(negative_slope=0.2)}
 
@@ -331,11 +331,11 @@ SCORE_SDE_SOURCE = (
 )
 
 
-def missing_checkpoint(path: str | Path) -> HarnessError:
+def missing_checkpoint(path: str | Path) -> MissingFileError:
     """The one-line error for a score-SDE checkpoint path that names nothing: where it goes and where to get it."""
     p = Path(path)
     where = f"'{p}'" if p.is_absolute() else f"'{p}' (= {p.absolute()})"
-    return HarnessError(
+    return MissingFileError(
         f"score-SDE checkpoint {where} does not exist: put DiffPure's CIFAR-10 checkpoint_8.pth there ({SCORE_SDE_SOURCE})"
     )
 
