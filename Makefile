@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip "setuptools<81" wheel
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -e ".[test]"
+	# torchattacks pins requests~=2.25.1, which would drag the resolver back to an old streamlit:
+	# it is installed without its dependencies (it needs only torch, torchvision, scipy, numpy).
+	$(PIP) install -q --no-deps torchattacks==3.5.1
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -33,7 +36,7 @@ test: $(STAMP)
 SMOKE_DB ?= $(VENV)/smoke.db
 smoke: $(STAMP)
 	rm -f $(SMOKE_DB) $(SMOKE_DB)-wal $(SMOKE_DB)-shm
-	$(BIN)/harness grid grids/smoke.yaml --db $(SMOKE_DB)
+	$(BIN)/harness grid grids/smoke.yaml --db $(SMOKE_DB) --threads 1
 	$(BIN)/harness check tables/smoke.csv --db $(SMOKE_DB)
 
 clean:

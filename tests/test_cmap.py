@@ -161,7 +161,7 @@ def test_adaptive_plan_is_full_then_surrogate_then_bpda():
     job = E.resolve(E.RunConfig(defense="cmap", threat="adaptive", n_examples=4))
     assert job.path is GradientPath.FULL and [p.value for p in job.also_paths] == ["surrogate", "bpda"]
     assert any("cmap: n_latents=4" in n for n in job.notes)
-    assert job.identity["defense"]["config"]["steps"] == 20 and job.identity["defense"]["consistency_model"]
+    assert job.identity["defense"]["config"]["steps"] == 40 and job.identity["defense"]["consistency_model"]
 
 
 def test_shipped_digits_consistency_model_makes_digits():

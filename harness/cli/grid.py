@@ -17,7 +17,7 @@ def cmd_grid(args) -> int:
     cells = plan(spec, reader, force=args.force)
     summary = run_grid(
         spec, reader if args.dry_run else Store(args.db), executor=args.executor, devices=devices, address=args.address,
-        ray_cpus=args.ray_cpus, force=args.force, dry_run=args.dry_run, cells=cells,
+        ray_cpus=args.ray_cpus, threads=args.threads, force=args.force, dry_run=args.dry_run, cells=cells,
     )
     if args.dry_run:
         for c in summary.cells:
@@ -38,6 +38,8 @@ def add_parser(sub) -> None:
     g.add_argument("--devices", default="cpu", help="comma-separated: cpu or cuda:0,cuda:1 (one worker each)")
     g.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default: start a local Ray")
     g.add_argument("--ray-cpus", type=int, default=None, help="CPUs of a locally started Ray instance")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch threads per worker (default: CPU cores / workers locally, 1 per Ray task; 1 is faster on a loaded machine)")
     g.add_argument("--dry-run", action="store_true", help="list what would run and what is already done")
     g.add_argument("--force", action="store_true", help="recompute cells already in the store (old rows kept until each finishes)")
     g.set_defaults(func=cmd_grid)

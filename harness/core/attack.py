@@ -135,6 +135,9 @@ class Attack:
     #: What one step costs when that is not what its gradient path says (an attack that
     #: differentiates through a defense's own generator declares ``CostLevel.GRADIENT``).
     cost_level: ClassVar[Any] = None
+    #: False for attacks that do not differentiate along the job's gradient path (they use a
+    #: defense capability instead, or no gradient): the plan does not repeat them on ``also_paths``.
+    uses_path: ClassVar[bool] = True
 
     def __init__(self, spec: Any, config: AttackConfig | None = None):
         self.spec = spec

@@ -155,8 +155,10 @@ def build_plan(defense_cls: type[Defense], spec: ThreatSpec) -> AttackPlan:
             members = SUITES.get(name).members(stochastic) if suite else (name,)
             for member in members:
                 cls = ATTACKS.get(member)
-                if k > 0 and not cls.needs_gradients:
-                    notes.append(f"{member} not repeated through {p.value}: it uses no gradient, so every path gives it the same model")
+                if k > 0 and not (cls.needs_gradients and cls.uses_path):
+                    why = "it uses no gradient, so every path gives it the same model" if not cls.needs_gradients else (
+                        "it does not differentiate along a gradient path")
+                    notes.append(f"{member} not repeated through {p.value}: {why}")
                     continue
                 label = member if p is main else f"{member}@{p.value}"
                 if label in seen:

@@ -118,8 +118,8 @@ class RayExecutor:
     writes to the store) as soon as the task yields it.
     """
 
-    def __init__(self, address: str | None, gpus_per_job: float, num_cpus: int | None = None):
-        self.address, self.gpus_per_job, self.num_cpus = address, gpus_per_job, num_cpus
+    def __init__(self, address: str | None, gpus_per_job: float, num_cpus: int | None = None, threads: int | None = None):
+        self.address, self.gpus_per_job, self.num_cpus, self.threads = address, gpus_per_job, num_cpus, threads
 
     def run(self, tasks_in: list[Task], store_url: str, on_event) -> None:
         """Run every task as a Ray task; ``on_event`` gets each streamed batch on the driver."""
@@ -150,7 +150,7 @@ class RayExecutor:
             gens = {}
             for t in tasks_in:
                 opts = {"num_gpus": self.gpus_per_job, "num_cpus": 1}
-                ref = task.options(**opts).remote(t.job_id, t.cfg, list(t.skip), store_url, self.gpus_per_job > 0)
+                ref = task.options(**opts).remote(t.job_id, t.cfg, list(t.skip), store_url, self.gpus_per_job > 0, self.threads or 1)
                 gens[ref] = t.job_id
             while gens:
                 if reaper is not None:
@@ -179,7 +179,10 @@ class RayExecutor:
                 reaper.close()
 
 
-def _ray_job(job_id: str, cfg: RunConfig, skip: list[int], store_url: str, gpu: bool) -> Iterator[tuple[int, dict]]:
+def _ray_job(job_id: str, cfg: RunConfig, skip: list[int], store_url: str, gpu: bool, threads: int = 1) -> Iterator[tuple[int, dict]]:
+    import torch
+
+    torch.set_num_threads(threads)  # a task holds one CPU (num_cpus=1): more threads only oversubscribe it
     device = "cuda" if gpu else "cpu"
     job = resolve(dataclasses.replace(cfg, device=device))
     if job.job_id != job_id:

@@ -45,12 +45,14 @@ def _record_skips(cells: list[Cell], store: Store, log) -> None:
             )
 
 
-def _executor(executor: str, devices: list[str] | None, address: str | None, ray_cpus: int | None):
+def _executor(executor: str, devices: list[str] | None, address: str | None, ray_cpus: int | None, threads: int | None):
+    if threads is not None and threads < 1:
+        raise HarnessError(f"--threads {threads} is out of range (must be >= 1)")
     if executor == "local":
-        return LocalExecutor(devices or ["cpu"])
+        return LocalExecutor(devices or ["cpu"], threads)
     if executor == "ray":
         gpu = any(d.startswith("cuda") for d in (devices or []))
-        return RayExecutor(address, 1.0 if gpu else 0.0, ray_cpus)
+        return RayExecutor(address, 1.0 if gpu else 0.0, ray_cpus, threads)
     raise HarnessError(f"unknown executor '{executor}'{suggest(executor, ['local', 'ray'])} (local or ray)")
 
 
@@ -62,6 +64,7 @@ def run_grid(
     devices: list[str] | None = None,
     address: str | None = None,
     ray_cpus: int | None = None,
+    threads: int | None = None,
     force: bool = False,
     dry_run: bool = False,
     log=print,
@@ -79,7 +82,7 @@ def run_grid(
         return summary
     if store is None:
         raise HarnessError("run_grid needs a store unless dry_run")
-    run = _executor(executor, devices, address, ray_cpus)
+    run = _executor(executor, devices, address, ray_cpus, threads)
     _record_skips(cells, store, log)
     todo = [c for c in cells if c.state == "pending"]
     writers = {c.job_id: JobWriter(store, c.job, force=force) for c in todo}

@@ -55,6 +55,7 @@ class ConsistencyDisruption(Attack):
     requires = frozenset({"latent_generator"})
     eot = "batched"  # the defense's randomness (latent initialisation) is redrawn for every candidate check
     cost_level = CostLevel.GRADIENT
+    uses_path = False  # it differentiates through the defense's generator, whatever the job's path
 
     def ticks(self) -> int:
         return self.config.steps
