@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from harness.core.registry import HarnessError
 from harness.store.codec import decode_images, encode_images, pack_adv, unpack_adv
+from harness.store.migrate import add_missing_columns
 from harness.store.schema import (
     SCHEMA_VERSION,
     AdvCacheRow,
@@ -78,6 +79,7 @@ class Store:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         if not read_only:
             self._retry(lambda: Base.metadata.create_all(self.engine))
+            self._retry(lambda: add_missing_columns(self.engine))
             self._retry(self._stamp_schema)
 
     def _stamp_schema(self):
