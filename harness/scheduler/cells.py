@@ -33,7 +33,11 @@ def expand(spec: GridSpec) -> list[RunConfig]:
             clfs = [None]
         for clf in clfs:
             for d in spec.defenses:
+                if d.datasets is not None and ds.name not in d.datasets:
+                    continue
                 for t in spec.threats:
+                    if d.threats is not None and t.name not in d.threats:
+                        continue
                     for seed in spec.seeds:
                         over = spec.overrides + ds.overrides + (clf.overrides if clf else ()) + d.overrides + t.overrides
                         cfgs.append(
