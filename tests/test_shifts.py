@@ -272,3 +272,24 @@ def test_an_old_store_gains_the_reference_column_and_keeps_working(tmp_path):
     out = E.run_job(E.resolve(cfg(n_examples=8)), store, progress=False)
     assert "robust_accuracy_change" in out.metrics
     assert all(e.reference is not None for e in store.example_rows(out.job_id))
+
+
+# --------------------------------------------------------------------------- the smoke grid and its table
+PURIFIERS = ("maep", "flowpure-pgd", "flowpure-cw", "flowpure-gauss", "diffpure", "diffpure-ddpm", "coup")
+
+
+def test_the_smoke_grid_has_shift_and_transfer_cells_for_every_purifier_on_both_datasets():
+    from pathlib import Path
+
+    from harness.scheduler.cells import expand
+    from harness.scheduler.gridfile import load_grid
+
+    cells = expand(load_grid(Path(__file__).resolve().parent.parent / "grids" / "smoke.yaml"))
+    have = {(c.defense, c.threat, c.dataset, dict(c.overrides).get("trained_on"), dict(c.overrides).get("shift")) for c in cells}
+    for d in PURIFIERS:
+        for ds, other in (("digits", "mnist5k"), ("mnist5k", "digits")):
+            assert (d, "color-shift", ds, None, None) in have and (d, "color-shift", ds, None, "brightness") in have
+            assert (d, "cross-dataset", ds, None, None) in have and (d, "cross-dataset", ds, other, None) in have
+    # the transfer entries run with cross-dataset only, on the dataset they were not trained on
+    assert all(c.threat == "cross-dataset" and dict(c.overrides)["trained_on"] != c.dataset
+               for c in cells if "trained_on" in dict(c.overrides))
