@@ -110,7 +110,8 @@ def nfe_totals(job: ResolvedJob, batches: list) -> dict[str, Any]:
             nfe[k] = nfe.get(k, 0) + v
     per_call = job.defense.nfe_per_call
     nfe["nfe_per_purification"] = per_call
-    nfe["purifier_nfe_images"] = per_call * (nfe.get("attack_purifications", 0) + nfe.get("eval_purifications", 0))
+    nfe["purifier_nfe_images"] = per_call * (
+        nfe.get("attack_purifications", 0) + nfe.get("eval_purifications", 0) + nfe.get("reference_purifications", 0))
     return nfe
 
 

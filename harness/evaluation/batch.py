@@ -300,8 +300,9 @@ def _undefended(st: BatchState) -> dict[str, list[bool]]:
     return {"clean": clean.tolist(), "robust": robust.tolist()}
 
 
-def paired_reference(st: BatchState, x_orig: torch.Tensor) -> list[dict]:
-    """Per example, the reference outcomes of ``paired_reference`` (stored in the examples' ``reference``).
+def paired_reference(st: BatchState, x_orig: torch.Tensor) -> tuple[list[dict], int]:
+    """Per example, the reference outcomes of ``paired_reference`` (stored in the examples' ``reference``),
+    and the number of images the reference purified (for the NFE totals).
 
     ``unshifted``: the reference defense (the job's own, or for a transfer cell the one
     trained on the evaluated dataset) on the unshifted inputs, attacked with the same
@@ -324,6 +325,7 @@ def paired_reference(st: BatchState, x_orig: torch.Tensor) -> list[dict]:
         run_attacks(ref, reuse)
     clf_shifted = _undefended(st)
     clf_unshifted = _undefended(ref) if shifted else clf_shifted
+    purified = 0 if ref is st else sum(m.purified for m in ref.models.values()) + ref.eval_model.purified
     rows = []
     for i in range(len(st.y)):
         rows.append({
@@ -331,7 +333,7 @@ def paired_reference(st: BatchState, x_orig: torch.Tensor) -> list[dict]:
             "classifier": {k: bool(v[i]) for k, v in clf_shifted.items()},
             "classifier_unshifted": {k: bool(v[i]) for k, v in clf_unshifted.items()},
         })
-    return rows
+    return rows, purified
 
 
 def run_batch(
@@ -371,7 +373,8 @@ def run_batch(
     extra = {"shift": st.shift_info} if st.shift_info else {}
     examples = example_rows(st, x_adv, worst_attack, quality, det)
     if job.spec.paired_reference:
-        for row, ref in zip(examples, paired_reference(st, x_orig)):
+        refs, nfe["reference_purifications"] = paired_reference(st, x_orig)
+        for row, ref in zip(examples, refs):
             row["reference"] = ref
     return dict(
         examples=examples, curves=st.curves, nfe=nfe,
