@@ -98,12 +98,12 @@ def _recipes() -> dict[str, FlowPureRecipe]:
             unet_config=small_unet_config(8, 1, (32, 48), 8), steps={"pgd": 1500, "cw": 800, "gauss": 2000}, batch_size=64, lr=1e-3,
             eps_max=round(EPS_FACTOR * DIGITS_LINF_EPS, 6),
         ),
-        # The DDPM's UNet size (263 k parameters, 1 MB) and each variant's steps cut to about 40 minutes of one
+        # The DDPM's UNet size (263 k parameters, 1 MB) and each variant's steps cut to about 20-25 minutes of one
         # shared CPU thread (PGD 1.4 s, CW 3.3 s, Gauss 0.4 s per step); 10k steps of a (32, 64) UNet were planned.
         "mnist5k": FlowPureRecipe(
-            unet_config=small_unet_config(28, 1, (16, 32, 32), 8), steps={"pgd": 1500, "cw": 600, "gauss": 3000}, batch_size=64,
+            unet_config=small_unet_config(28, 1, (16, 32, 32), 8), steps={"pgd": 1000, "cw": 400, "gauss": 2000}, batch_size=64,
             lr=1e-3, eps_max=round(EPS_FACTOR * MNIST_LINF_EPS, 6),
-            note="shortened for a shared 2-core CPU (about 40 min per variant with one thread)",
+            note="shortened for a shared 2-core CPU (20-25 min of one thread per variant; 10k steps were planned)",
         ),
         # The paper's optimiser (Adam 2e-4, batch 64, 300k steps); a smaller UNet than its NCSN++.
         "cifar10": cifar,
