@@ -351,9 +351,8 @@ def check_backbone_fits(net: nn.Module, image_shape: tuple[int, int, int], datas
     """A one-line error when the backbone does not take ``image_shape`` images."""
     have = backbone_shape(net, image_shape)
     if have != tuple(image_shape):
-        raise HarnessError(
-            f"diffusion backbone takes {'x'.join(map(str, have))} images but dataset '{dataset}' has {'x'.join(map(str, image_shape))}"
-        )
+        want = "x".join(map(str, image_shape))
+        raise HarnessError(f"diffusion backbone takes {'x'.join(map(str, have))} images but dataset '{dataset}' has {want}")
 
 
 # --------------------------------------------------------------------------- noise

@@ -128,7 +128,9 @@ class COUP(DiffusionDefense):
     gradient_paths = frozenset({GradientPath.BPDA, GradientPath.FULL, GradientPath.ADJOINT, GradientPath.SURROGATE})
     requires = frozenset({"classifier"})
     DEFAULTS = {"t_star": 0.1, "dt": 1e-3, "surrogate_steps": 10, "checkpoint": True}
-    DATASET_DEFAULTS = {ds: {"t_star": 0.1, "dt": 0.02, "surrogate_steps": 2, "checkpoint": False} for ds in ("digits", "mnist5k")}
+    DATASET_DEFAULTS = {
+        ds: {"t_star": 0.1, "dt": 0.02, "surrogate_steps": 2, "checkpoint": False} for ds in ("digits", "mnist5k")
+    }
 
     def __init__(self, config=None):
         super().__init__(config)

@@ -126,7 +126,9 @@ class DiffPure(DiffusionDefense):
     Config = DiffPureConfig
     gradient_paths = frozenset({GradientPath.BPDA, GradientPath.FULL, GradientPath.ADJOINT, GradientPath.SURROGATE})
     DEFAULTS = {"t_star": 0.1, "dt": 1e-3, "surrogate_steps": 10, "checkpoint": True}
-    DATASET_DEFAULTS = {ds: {"t_star": 0.1, "dt": 0.02, "surrogate_steps": 2, "checkpoint": False} for ds in ("digits", "mnist5k")}
+    DATASET_DEFAULTS = {
+        ds: {"t_star": 0.1, "dt": 0.02, "surrogate_steps": 2, "checkpoint": False} for ds in ("digits", "mnist5k")
+    }
 
     def _count_nfe(self, cfg) -> int:
         return sde_steps(cfg.t_star, cfg.dt, cfg.t_end)

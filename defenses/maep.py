@@ -424,7 +424,8 @@ class MAEP(TransferMixin, Defense):
         if tiles_as_is or mode == "none":
             if c != arch.channels:
                 raise HarnessError(
-                    f"maep: the purifier takes {arch.channels}-channel images but dataset '{ctx.dataset}' has {c} channels (adapter=none)"
+                    f"maep: the purifier takes {arch.channels}-channel images but dataset '{ctx.dataset}' has {c} channels "
+                    "(adapter=none)"
                 )
             self.bind_transfer(ctx, None)
             tiled = tile_size_for(self.config.tile, s, h, w)

@@ -110,7 +110,8 @@ def test_the_pairing_and_every_outcome_are_independent_of_the_batch_size(tmp_pat
 def _apply(name: str, x: torch.Tensor, **opts) -> torch.Tensor:
     shift = SHIFTS.get(name).from_options(opts)
     assert shift.check(tuple(x.shape[1:])) is None
-    ctx = ShiftContext(generator=torch.Generator(), positions=np.arange(len(x)), subset_x=x, subset_y=torch.zeros(len(x)), dataset="t")
+    ctx = ShiftContext(generator=torch.Generator(), positions=np.arange(len(x)), subset_x=x, subset_y=torch.zeros(len(x)),
+                       dataset="t")
     out = shift.apply(x, torch.zeros(len(x)), context=ctx)
     return out[0] if isinstance(out, tuple) else out
 
@@ -164,7 +165,8 @@ def test_newcombe_paired_interval_on_a_hand_computed_table():
 
     def wilson(k):
         p = k / n
-        centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
         return centre - half, centre + half
 
     (l1, u1), (l2, u2) = wilson(25), wilson(21)
@@ -293,3 +295,18 @@ def test_the_smoke_grid_has_shift_and_transfer_cells_for_every_purifier_on_both_
     # the transfer entries run with cross-dataset only, on the dataset they were not trained on
     assert all(c.threat == "cross-dataset" and dict(c.overrides)["trained_on"] != c.dataset
                for c in cells if "trained_on" in dict(c.overrides))
+
+
+def test_the_smoke_table_checks_the_shift_and_transfer_cells_and_their_paired_changes():
+    import csv
+    from pathlib import Path
+
+    rows = list(csv.DictReader((Path(__file__).resolve().parent.parent / "tables" / "smoke.csv").open()))
+    have = {(r["defense"], r["threat"], r["dataset"], r["shift"], r["trained_on"], r["metric"]) for r in rows}
+    for d in PURIFIERS:
+        for ds, other in (("digits", "mnist5k"), ("mnist5k", "digits")):
+            for metric in ("robust_accuracy", "robust_accuracy_change", "clean_accuracy_change"):
+                assert (d, "color-shift", ds, "reinhard:space=lalphabeta", ds, metric) in have, (d, ds, metric)
+                assert (d, "color-shift", ds, "brightness:severity=3", ds, metric) in have, (d, ds, metric)
+                assert (d, "cross-dataset", ds, "none", ds, metric) in have, (d, ds, metric)
+                assert (d, "cross-dataset", ds, "none", other, metric) in have, (d, ds, other, metric)

@@ -38,7 +38,8 @@ N_SAMPLES = 8
 
 #: Threat-spec fields that do not change the adversarial examples of a classifier-only attack.
 _EVAL_ONLY_FIELDS = (
-    "eval_draws", "scoring", "detect", "eot_samples", "eot_reduce", "name", "version", "max_forward", "cascade", "paired_reference",
+    "eval_draws", "scoring", "detect", "eot_samples", "eot_reduce", "name", "version", "max_forward", "cascade",
+    "paired_reference",
 )
 
 
@@ -329,7 +330,7 @@ def paired_reference(st: BatchState, x_orig: torch.Tensor) -> tuple[list[dict], 
     rows = []
     for i in range(len(st.y)):
         rows.append({
-            "unshifted": {**{f"clean_{r}": bool(ref.clean[r][i]) for r in RULES}, **{f"robust_{r}": bool(ref.robust[r][i]) for r in RULES}},
+            "unshifted": {f"{k}_{r}": bool(getattr(ref, k)[r][i]) for k in ("clean", "robust") for r in RULES},
             "classifier": {k: bool(v[i]) for k, v in clf_shifted.items()},
             "classifier_unshifted": {k: bool(v[i]) for k, v in clf_unshifted.items()},
         })

@@ -246,7 +246,9 @@ def _setup_defense(defense: Defense, cfg: RunConfig, info: Any, clf: Any, device
         p.requires_grad_(False)
 
 
-def _reference_defense(defense_cls: type[Defense], defense: Defense, values: dict, cfg: RunConfig, info, clf, device) -> Defense | None:
+def _reference_defense(
+    defense_cls: type[Defense], defense: Defense, values: dict, cfg: RunConfig, info, clf, device
+) -> Defense | None:
     """For ``paired_reference``: the defense trained on the evaluated dataset when the job's was
     trained on another one (a defense config field ``trained_on``, filled in at setup); else None."""
     trained_on = getattr(defense.config, "trained_on", None)
@@ -288,7 +290,9 @@ def resolve(cfg: RunConfig) -> ResolvedJob:
     clf_name = cfg.classifier or C.default_classifier(cfg.dataset)
     clf = C.load_classifier(clf_name, dataset=cfg.dataset, weights=cfg.weights, model_dir=cfg.model_dir, device=device)
     _setup_defense(defense, cfg, info, clf, device)
-    ref_defense = _reference_defense(defense_cls, defense, routed.defense, cfg, info, clf, device) if spec.paired_reference else None
+    ref_defense = None
+    if spec.paired_reference:
+        ref_defense = _reference_defense(defense_cls, defense, routed.defense, cfg, info, clf, device)
 
     draws = spec.eval_draws if defense.stochastic else 1
     job_eot = spec.eot_samples if (defense.stochastic and plan.main_path is not GradientPath.CLASSIFIER) else 1

@@ -28,6 +28,6 @@ register_threat(
         description="a purifier trained on another dataset (--set trained_on=A) before this dataset's classifier; "
         "AutoAttack-standard on the classifier alone; paired with the purifier trained on this dataset",
         base={**PREPROCESSOR_BLIND.base, "attacks": ("autoattack",), "paired_reference": True},
-        per_family={fam: {**vals, **(_CPU_AA if fam in ("digits", "mnist") else {})} for fam, vals in PREPROCESSOR_BLIND.per_family.items()},
+        per_family={fam: {**v, **(_CPU_AA if fam in ("digits", "mnist") else {})} for fam, v in PREPROCESSOR_BLIND.per_family.items()},
     )
 )
