@@ -20,6 +20,7 @@ from threat_models.threats.preprocessor_blind import PREPROCESSOR_BLIND
 
 #: AutoAttack's iteration counts on the CPU-scaled digit datasets (as the adaptive threat's).
 _CPU_AA = {"apgd_steps": 40, "attack_options": ("square.n_queries=1000",)}
+_CPU = ("digits", "mnist")
 
 register_threat(
     dataclasses.replace(
@@ -28,6 +29,6 @@ register_threat(
         description="a purifier trained on another dataset (--set trained_on=A) before this dataset's classifier; "
         "AutoAttack-standard on the classifier alone; paired with the purifier trained on this dataset",
         base={**PREPROCESSOR_BLIND.base, "attacks": ("autoattack",), "paired_reference": True},
-        per_family={fam: {**v, **(_CPU_AA if fam in ("digits", "mnist") else {})} for fam, v in PREPROCESSOR_BLIND.per_family.items()},
+        per_family={fam: {**v, **(_CPU_AA if fam in _CPU else {})} for fam, v in PREPROCESSOR_BLIND.per_family.items()},
     )
 )
