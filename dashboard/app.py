@@ -80,6 +80,63 @@ def _per_example_worst(db: str, sig: tuple, rule: str, jobs: pd.DataFrame) -> pd
 
 
 # --------------------------------------------------------------------------- charts
+@st.cache_data(show_spinner=False, max_entries=8)
+def _beside(db: str, sig: tuple, jobs: pd.DataFrame) -> dict:
+    e = _engine(db)
+    tm = Q.transfer_matrix(e, jobs)
+    return {"shift": Q.shift_view(e, jobs), "transfer": tm, "pivot_robust": Q.transfer_pivot(tm, "robust"),
+            "pivot_clean": Q.transfer_pivot(tm, "clean")}
+
+
+def _accuracies(df: pd.DataFrame, col: str) -> list[str]:
+    """'93.8 [80.0, 98.3]' per row of an accuracy column with ``_lo`` / ``_hi``."""
+    return [Q.fmt_interval(a, lo, hi, None) for a, lo, hi in zip(df[col], df[f"{col}_lo"], df[f"{col}_hi"])]
+
+
+def _changes(df: pd.DataFrame, metric: str) -> list[str]:
+    """'+1.2 [-3.4, +5.6]' (points) per row of a paired-change metric."""
+    return ["-" if pd.isna(v) else f"{v * 100:+.1f} [{lo * 100:+.1f}, {hi * 100:+.1f}]"
+            for v, lo, hi in zip(df[metric], df[f"{metric}:lo"], df[f"{metric}:hi"])]
+
+
+def beside_section(db: str, sig: tuple, jobs: pd.DataFrame) -> None:
+    """Colour shift and cross-dataset transfer, beside the leaderboard (never in its worst case)."""
+    b = _beside(db, sig, jobs)
+    if b["shift"].empty and b["transfer"].empty:
+        return
+    st.subheader("Beside the leaderboard: colour shift and cross-dataset transfer")
+    st.caption(
+        "Not attacks, so not in the worst case above. Each change is paired: the same examples with the same attack seeds, "
+        "shifted minus unshifted (or: purifier trained on another dataset minus the one trained on this), in points, with a "
+        "95% Newcombe interval for paired proportions. The classifier columns are the undefended classifier's change on the "
+        "same inputs: whether the purifier or the classifier loses the accuracy."
+    )
+    t1, t2 = st.tabs(["Colour shift", "Cross-dataset matrix"])
+    with t1:
+        sv = b["shift"]
+        if sv.empty:
+            st.info("No finished colour-shift job matches the filters.")
+        else:
+            show = pd.DataFrame({
+                "defense": sv["defense"], "dataset": sv["dataset"], "shift": sv["shift"], "n": sv["n_examples"],
+                "clean %": _accuracies(sv, "clean"),
+                "Δ clean (pts)": _changes(sv, "clean_accuracy_change"),
+                "robust %": _accuracies(sv, "robust"),
+                "Δ robust (pts)": _changes(sv, "robust_accuracy_change"),
+                "classifier Δ clean": _changes(sv, "clean_accuracy_classifier_change"),
+                "classifier Δ robust": _changes(sv, "robust_accuracy_classifier_change"),
+            })
+            st.dataframe(show, hide_index=True, height=min(38 + 35 * len(show), 420), key="shift_view")
+    with t2:
+        if b["transfer"].empty:
+            st.info("No finished cross-dataset job matches the filters.")
+        else:
+            st.markdown("**Robust accuracy %** (paired change from the purifier trained on the evaluated dataset [95% CI])")
+            st.dataframe(b["pivot_robust"], hide_index=True, key="transfer_robust")
+            st.markdown("**Clean accuracy %**")
+            st.dataframe(b["pivot_clean"], hide_index=True, key="transfer_clean")
+
+
 def _color(field: str, n: int, title: str | None = None, sort=None) -> alt.Color:
     legend = alt.Legend(title=title or field, orient="right") if n <= 20 else None
     return alt.Color(f"{field}:N", legend=legend, sort=sort, scale=alt.Scale(scheme="tableau10" if n <= 10 else "category20"))
@@ -389,6 +446,7 @@ def main() -> None:
     filters = sidebar(jobs_all)
     board = _board(db, sig, rule, filters)
     leaderboard_section(board)
+    beside_section(db, sig, board["jobs"])
     charts_section(board)
     drilldown_section(db, sig, board)
     st.session_state["render_s"] = elapsed = time.perf_counter() - t0  # read by bench/bench_dashboard.py

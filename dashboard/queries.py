@@ -20,6 +20,13 @@ The leaderboard has one row per (defense, classifier, dataset):
 
 Filter on norm and eps to compare like with like: :func:`mixed_budgets` says when a
 filtered set mixes budgets within a dataset.
+
+Shifted inputs and transferred purifiers are not attacks: jobs of the threats in
+:data:`BESIDE_THREATS`, and any job whose inputs were shifted or whose purifier was
+trained on another dataset (job columns ``shift`` and ``trained_on``), stay out of the
+leaderboard and its worst case. They are shown beside it: :func:`shift_view` (accuracy
+change per defense and shift, paired with the unshifted inputs, 95% Newcombe interval)
+and :func:`transfer_matrix` (trained on x evaluated on, per defense).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from sqlalchemy.pool import NullPool
 
 from harness.evaluation.stats import wilson_interval
 from harness.store import resolve_url
+from harness.store.check import shift_label
 from harness.store.codec import decode_images
 from harness.store.schema import CurveRow, ExampleRow, Job, MetricRow, SampleRow
 from harness.store.store import readonly_url, sqlite_file, store_missing  # noqa: F401 (the page uses them from here)
@@ -43,6 +51,11 @@ from harness.store.store import readonly_url, sqlite_file, store_missing  # noqa
 KEY = ["defense", "classifier", "dataset"]
 #: Column order of the threat models the harness ships; others follow alphabetically.
 THREAT_ORDER = ("preprocessor-blind", "bpda", "adaptive")
+#: Threats shown beside the leaderboard, never inside its worst case (a shift and a transfer are not attacks).
+BESIDE_THREATS = ("color-shift", "cross-dataset")
+#: The paired metrics of a color-shift / cross-dataset job (value, 95% interval, n).
+CHANGE_METRICS = ("clean_accuracy_change", "robust_accuracy_change", "clean_accuracy_classifier_change",
+                  "robust_accuracy_classifier_change", "clean_accuracy_unshifted", "robust_accuracy_unshifted")
 #: Scoring rules over the R evaluation draws; "headline" = the rule the threat spec names.
 RULES = ("headline", "worst", "majority", "single")
 FILTERS = ("dataset", "classifier", "norm", "eps", "threat")
@@ -51,7 +64,7 @@ JOB_COLUMNS = [
     "job_id", "status", "reason", "defense", "threat", "dataset", "classifier", "seed", "n_examples", "norm", "eps",
     "gradient_path", "eot_samples", "eval_draws", "stochastic", "adaptive", "finished_at",
     "total_s", "per_example_s", "classifier_images", "purifier_nfe_images",
-    "clean", "clean_lo", "clean_hi", "clean_n", "robust", "robust_lo", "robust_hi", "robust_n",
+    "clean", "clean_lo", "clean_hi", "clean_n", "robust", "robust_lo", "robust_hi", "robust_n", "shift", "trained_on", "beside",
 ]
 
 EMPTY_HELP = """\
@@ -139,6 +152,7 @@ def load_jobs(engine: Engine, rule: str = "headline") -> pd.DataFrame:
             t["total_s"].as_float(), t["per_example_s"].as_float(),
             nf["classifier_images"].as_float(), nf["purifier_nfe_images"].as_float(),
             c.c.value, c.c.lower, c.c.upper, c.c.n, r.c.value, r.c.lower, r.c.upper, r.c.n,
+            j.c.config["shift"], j.c.config[("defense_config", "trained_on")].as_string(),
         )
         .select_from(
             j.outerjoin(c, and_(c.c.job_id == j.c.id, c.c.name == clean_name)).outerjoin(
@@ -150,7 +164,7 @@ def load_jobs(engine: Engine, rule: str = "headline") -> pd.DataFrame:
         rows = [tuple(r) for r in conn.execute(stmt)]  # plain tuples: pandas probes Row attributes slowly
     if not rows:
         return empty_jobs()
-    df = pd.DataFrame.from_records(rows, columns=JOB_COLUMNS)
+    df = pd.DataFrame.from_records(rows, columns=JOB_COLUMNS[:-1])  # "beside" is derived below
     for col in ("eps", "total_s", "per_example_s", "classifier_images", "purifier_nfe_images",
                 "clean", "clean_lo", "clean_hi", "robust", "robust_lo", "robust_hi"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
@@ -162,6 +176,9 @@ def load_jobs(engine: Engine, rule: str = "headline") -> pd.DataFrame:
     df["nfe_per_example"] = df["purifier_nfe_images"] / n
     df["classifier_per_example"] = df["classifier_images"] / n
     df["finished_at"] = pd.to_datetime(df["finished_at"], errors="coerce", utc=True, format="ISO8601")
+    df["shift"] = [shift_label({"shift": c}) for c in df["shift"]]  # the stored shift identity -> its label
+    df["beside"] = df["threat"].isin(BESIDE_THREATS) | (df["shift"] != "none") | (
+        df["trained_on"].notna() & (df["trained_on"] != df["dataset"]))
     return df
 
 
@@ -242,6 +259,8 @@ def leaderboard(jobs: pd.DataFrame) -> pd.DataFrame:
     ``worst`` with ``:lo :hi :n :threat :path :eot :draws :job``; ``adaptive_evaluated``,
     ``non_adaptive_only``, ``threats_run``, ``n_jobs``.
     """
+    if "beside" in jobs:
+        jobs = jobs[~jobs["beside"].astype(bool)]  # shifts and transfers are shown beside the board, not in it
     threats = threat_order(jobs["threat"].unique()) if len(jobs) else []
     slim = jobs[[c for c in _SLIM if c in jobs]]
     out = slim[KEY].drop_duplicates().set_index(KEY)
@@ -545,6 +564,70 @@ def per_example_worst(engine: Engine, jobs: pd.DataFrame, rule: str = "headline"
     return pd.DataFrame.from_records(out, columns=cols)
 
 
+# --------------------------------------------------------------------------- beside the leaderboard
+def _change_metrics(engine: Engine, ids: list[str]) -> pd.DataFrame:
+    """The paired metrics (:data:`CHANGE_METRICS`) of the jobs ``ids``, wide: ``<metric>``, ``:lo``, ``:hi``, ``:n``."""
+    m = MetricRow.__table__
+    rows = []
+    if ids:
+        with engine.connect() as conn:
+            rows = conn.execute(select(m.c.job_id, m.c.name, m.c.value, m.c.lower, m.c.upper, m.c.n)
+                                .where(m.c.job_id.in_(ids), m.c.name.in_(CHANGE_METRICS))).all()
+    long = pd.DataFrame.from_records(rows, columns=["job_id", "name", "value", "lo", "hi", "n"])
+    out = pd.DataFrame(index=pd.Index(ids, name="job_id"))
+    for name in CHANGE_METRICS:
+        g = long[long["name"] == name].set_index("job_id")
+        for col, suffix in (("value", ""), ("lo", ":lo"), ("hi", ":hi"), ("n", ":n")):
+            out[name + suffix] = g[col].reindex(out.index).astype("float64")
+    return out
+
+
+_BESIDE_COLS = ["defense", "classifier", "dataset", "trained_on", "shift", "n_examples", "clean", "clean_lo", "clean_hi",
+                "robust", "robust_lo", "robust_hi", "job_id"]
+
+
+def _with_changes(engine: Engine, done: pd.DataFrame) -> pd.DataFrame:
+    """The jobs' :data:`_BESIDE_COLS` joined with their paired metrics."""
+    if done.empty:
+        return pd.DataFrame(columns=_BESIDE_COLS + [f"{m}{s}" for m in CHANGE_METRICS for s in ("", ":lo", ":hi", ":n")])
+    changes = _change_metrics(engine, done["job_id"].tolist())
+    return done[_BESIDE_COLS].merge(changes, left_on="job_id", right_index=True, how="left")
+
+
+def shift_view(engine: Engine, jobs: pd.DataFrame) -> pd.DataFrame:
+    """One row per finished job on shifted inputs: defense, dataset, shift, clean and robust accuracy on the
+    shifted inputs, and the paired changes from the unshifted inputs (same examples, same attack seeds) of the
+    defended model and of the undefended classifier, each ``<metric>`` with ``:lo``, ``:hi`` (95% Newcombe)."""
+    done = jobs[(jobs["status"] == "done") & (jobs["shift"] != "none")] if len(jobs) else jobs
+    out = _with_changes(engine, done)
+    return out.sort_values(["dataset", "shift", "robust_accuracy_change", "defense"], na_position="last").reset_index(drop=True)
+
+
+def transfer_matrix(engine: Engine, jobs: pd.DataFrame) -> pd.DataFrame:
+    """The cross-dataset cells, long: one row per (defense, trained_on, evaluated dataset), the latest finished
+    ``cross-dataset`` job of each, with its clean and robust accuracy and the paired changes from the purifier
+    trained on the evaluated dataset (zero on the diagonal). :func:`transfer_pivot` lays it out as a matrix."""
+    done = jobs[(jobs["status"] == "done") & (jobs["threat"] == "cross-dataset")] if len(jobs) else jobs
+    done = done.assign(trained_on=done["trained_on"].fillna("-"))
+    done = done.sort_values("finished_at", ascending=False).drop_duplicates(["defense", "classifier", "trained_on", "dataset"])
+    out = _with_changes(engine, done)
+    return out.sort_values(["defense", "trained_on", "dataset"]).reset_index(drop=True)
+
+
+def transfer_pivot(tm: pd.DataFrame, metric: str = "robust") -> pd.DataFrame:
+    """Rows ``defense, trained on``, one column per evaluated dataset: '<accuracy> (<paired change> [95% CI])'."""
+    if tm.empty:
+        return pd.DataFrame(columns=["defense", "trained on"])
+    ch = f"{metric}_accuracy_change"
+    cell = [
+        f"{_pct(a)} ({'+' if c >= 0 else ''}{c * 100:.1f} [{lo * 100:+.1f}, {hi * 100:+.1f}])" if pd.notna(c) else _pct(a)
+        for a, c, lo, hi in zip(tm[metric], tm[ch], tm[f"{ch}:lo"], tm[f"{ch}:hi"])
+    ]
+    wide = tm.assign(cell=cell).pivot_table(index=["defense", "trained_on"], columns="dataset", values="cell", aggfunc="first")
+    wide.columns.name = None
+    return wide.reset_index().rename(columns={"trained_on": "trained on"})
+
+
 def job_detail(engine: Engine, job_id: str) -> dict[str, Any] | None:
     with engine.connect() as conn:
         row = conn.execute(select(Job.__table__).where(Job.__table__.c.id == job_id)).mappings().first()
@@ -569,7 +652,8 @@ def job_curves(engine: Engine, job_id: str) -> pd.DataFrame:
 
 def job_examples(engine: Engine, job_id: str, limit: int | None = None) -> pd.DataFrame:
     e = ExampleRow.__table__
-    cols = [c for c in e.c if c.name not in ("id", "job_id")]
+    have = {c["name"] for c in inspect(engine).get_columns("examples")}  # a store older than a column lacks it
+    cols = [c for c in e.c if c.name not in ("id", "job_id") and c.name in have]
     stmt = select(*cols).where(e.c.job_id == job_id).order_by(e.c.position)
     if limit:
         stmt = stmt.limit(limit)

@@ -54,6 +54,7 @@ from harness.core.env import WEIGHTS_DIR, sha256_file
 from harness.core.registry import HarnessError, MissingFileError
 from harness.core.registry import first_line as _first_line
 from harness.core.defense import CostLevel, Defense, SetupContext, randn_like
+from defenses._transfer import TransferMixin
 
 BETA_MIN = 0.1
 BETA_MAX = 20.0
@@ -108,7 +109,7 @@ def shipped_weights_dir() -> Path:
 
 
 #: Datasets with a small backbone shipped in ``harness/weights`` (file stem).
-SHIPPED_BACKBONES: dict[str, str] = {"digits": "digits-ddpm"}
+SHIPPED_BACKBONES: dict[str, str] = {"digits": "digits-ddpm", "mnist5k": "mnist5k-ddpm"}
 #: Datasets served by a public diffusers model: dataset -> (Hugging Face repo, folder name under --weights-dir).
 HF_BACKBONES: dict[str, tuple[str, str]] = {"cifar10": ("google/ddpm-cifar10-32", "ddpm-cifar10-32")}
 #: Hugging Face cache to search (None = the hub's default, HF_HUB_CACHE / HF_HOME); nothing is downloaded.
@@ -342,17 +343,24 @@ class EpsNet(nn.Module):
         return out
 
 
-def check_backbone_fits(net: nn.Module, image_shape: tuple[int, int, int], dataset: str) -> None:
+def backbone_shape(net: nn.Module, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The (C, H, W) images a backbone takes, from its config (``image_shape`` where it does not say)."""
     cfg = getattr(net, "config", None)
     if cfg is None:
-        return
-    c, h, w = image_shape
+        return tuple(image_shape)
     size = cfg.get("sample_size") if hasattr(cfg, "get") else getattr(cfg, "sample_size", None)
     size = size if isinstance(size, (tuple, list)) else (size, size)
-    if cfg.in_channels != c or (size[0] is not None and tuple(size) != (h, w)):
-        raise HarnessError(
-            f"diffusion backbone takes {cfg.in_channels}x{size[0]}x{size[1]} images but dataset '{dataset}' has {c}x{h}x{w}"
-        )
+    if size[0] is None:
+        size = tuple(image_shape[1:])
+    return (int(cfg.in_channels), int(size[0]), int(size[1]))
+
+
+def check_backbone_fits(net: nn.Module, image_shape: tuple[int, int, int], dataset: str) -> None:
+    """A one-line error when the backbone does not take ``image_shape`` images."""
+    have = backbone_shape(net, image_shape)
+    if have != tuple(image_shape):
+        want = "x".join(map(str, image_shape))
+        raise HarnessError(f"diffusion backbone takes {'x'.join(map(str, have))} images but dataset '{dataset}' has {want}")
 
 
 # --------------------------------------------------------------------------- noise
@@ -606,7 +614,7 @@ def strict_fp32(device: torch.device) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- base defense
-class DiffusionDefense(Defense):
+class DiffusionDefense(TransferMixin, Defense):
     """Common base of the diffusion purifiers: backbone binding and per-dataset defaults.
 
     Config fields whose value is ``None`` mean "the dataset's default": :meth:`setup`
@@ -614,7 +622,9 @@ class DiffusionDefense(Defense):
     CIFAR-10 values), so the effective values are what :meth:`identity` and the job
     record hold, and ``setup_notes`` lists the CPU-scaled ones for the run to print.
     A user's ``--set`` always wins. Without :meth:`setup` (e.g. unit tests that inject a
-    backbone with :meth:`use_backbone`), ``DEFAULTS`` apply.
+    backbone with :meth:`use_backbone`), ``DEFAULTS`` apply. The backbone is the one of
+    ``trained_on`` (default: the evaluated dataset), behind an adapter when its images
+    differ from the data's (:mod:`defenses._transfer`).
     """
 
     stochastic = True
@@ -676,10 +686,10 @@ class DiffusionDefense(Defense):
         if self.eps_net is None:
             cfg = self.config
             net, source = load_backbone(
-                ctx.dataset, getattr(cfg, "model_path", None), ctx.weights_dir, getattr(cfg, "backbone", "unet2d")
+                self.training_dataset(ctx), getattr(cfg, "model_path", None), ctx.weights_dir, getattr(cfg, "backbone", "unet2d")
             )
-            check_backbone_fits(net, self.image_shape, ctx.dataset)
             self.use_backbone(net, source)
+        self.bind_transfer(ctx, backbone_shape(self.eps_net.net, self.image_shape))
         self.to(ctx.device)
 
     def identity(self) -> dict[str, Any]:

@@ -51,6 +51,7 @@ from defenses._diffusion import (
     sde_steps,
     strict_fp32,
 )
+from defenses._transfer import AdapterMode, adapter_field, trained_on_field
 from harness.core.registry import HarnessError
 from harness.core.defense import DefenseConfig, GradientPath, SetupContext, register_defense
 
@@ -74,6 +75,8 @@ class COUPConfig(DefenseConfig):
     )
     model_path: str | None = field(default=None, metadata={"help": MODEL_PATH_HELP})
     backbone: Backbone = field(default="unet2d", metadata={"help": BACKBONE_HELP})
+    trained_on: str | None = trained_on_field()
+    adapter: AdapterMode = adapter_field()
 
     def __post_init__(self):
         if self.t_star is not None and not (self.t_end < self.t_star <= 1.0):
@@ -125,7 +128,9 @@ class COUP(DiffusionDefense):
     gradient_paths = frozenset({GradientPath.BPDA, GradientPath.FULL, GradientPath.ADJOINT, GradientPath.SURROGATE})
     requires = frozenset({"classifier"})
     DEFAULTS = {"t_star": 0.1, "dt": 1e-3, "surrogate_steps": 10, "checkpoint": True}
-    DATASET_DEFAULTS = {"digits": {"t_star": 0.1, "dt": 0.02, "surrogate_steps": 2, "checkpoint": False}}
+    DATASET_DEFAULTS = {
+        ds: {"t_star": 0.1, "dt": 0.02, "surrogate_steps": 2, "checkpoint": False} for ds in ("digits", "mnist5k")
+    }
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -159,6 +164,11 @@ class COUP(DiffusionDefense):
         if clf is None:
             raise HarnessError("defense 'coup' has no classifier: call setup(ctx) (or bind_classifier) first")
         lam, exact = float(cfg.guidance_scale), not cfg.detach_guidance
+        if self.adapter is not None:  # the defended classifier sees the purifier's images mapped back to the data's shape
+            adapter, defended = self.adapter, clf
+
+            def clf(u: torch.Tensor) -> torch.Tensor:
+                return defended(adapter.from_purifier(u))
 
         def guidance(x: torch.Tensor) -> torch.Tensor:
             return lam * log_max_softmax_grad(clf, x, create_graph=exact)
@@ -169,11 +179,12 @@ class COUP(DiffusionDefense):
         cfg = self.effective_config()
         n = steps if steps is not None else sde_steps(cfg.t_star, cfg.dt, cfg.t_end)
         with strict_fp32(x.device):
+            x = self.adapt_in(x)
             xs = (2.0 * x - 1.0).clamp(-1.0, 1.0)
             sde = ReverseVPSDE(self._net(), tuple(x.shape[1:]), cfg.t_star, n, cfg.t_end, guidance=self._guidance(cfg))
             noise = draw_noise(xs, n, generator)
             x0 = integrate_adjoint(sde, xs, noise) if adjoint else integrate_em(sde, xs, noise, checkpoint=cfg.checkpoint)
-            return (x0.clamp(-1.0, 1.0) + 1.0) * 0.5
+            return self.adapt_out((x0.clamp(-1.0, 1.0) + 1.0) * 0.5)
 
     def purify(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         return self._purify(x, generator, steps=None, adjoint=False)

@@ -55,6 +55,7 @@ from defenses._diffusion import (
     sde_steps,
     timestep_index,
 )
+from defenses._transfer import AdapterMode, adapter_field, trained_on_field
 from harness.core.registry import HarnessError
 from harness.core.defense import DefenseConfig, GradientPath, randn_like, register_defense
 
@@ -74,6 +75,8 @@ class DiffPureConfig(DefenseConfig):
     )
     model_path: str | None = field(default=None, metadata={"help": MODEL_PATH_HELP})
     backbone: Backbone = field(default="unet2d", metadata={"help": BACKBONE_HELP})
+    trained_on: str | None = trained_on_field()
+    adapter: AdapterMode = adapter_field()
 
     def __post_init__(self):
         if self.t_star is not None:
@@ -123,7 +126,9 @@ class DiffPure(DiffusionDefense):
     Config = DiffPureConfig
     gradient_paths = frozenset({GradientPath.BPDA, GradientPath.FULL, GradientPath.ADJOINT, GradientPath.SURROGATE})
     DEFAULTS = {"t_star": 0.1, "dt": 1e-3, "surrogate_steps": 10, "checkpoint": True}
-    DATASET_DEFAULTS = {"digits": {"t_star": 0.1, "dt": 0.02, "surrogate_steps": 2, "checkpoint": False}}
+    DATASET_DEFAULTS = {
+        ds: {"t_star": 0.1, "dt": 0.02, "surrogate_steps": 2, "checkpoint": False} for ds in ("digits", "mnist5k")
+    }
 
     def _count_nfe(self, cfg) -> int:
         return sde_steps(cfg.t_star, cfg.dt, cfg.t_end)
@@ -136,11 +141,12 @@ class DiffPure(DiffusionDefense):
     def _purify(self, x: torch.Tensor, generator: torch.Generator | None, *, steps: int | None, adjoint: bool) -> torch.Tensor:
         cfg = self.effective_config()
         n = steps if steps is not None else sde_steps(cfg.t_star, cfg.dt, cfg.t_end)
+        x = self.adapt_in(x)
         xs = self._diffuse(x, cfg, generator)
         sde = ReverseVPSDE(self._net(), tuple(x.shape[1:]), cfg.t_star, n, cfg.t_end)
         noise = draw_noise(xs, n, generator)
         x0 = integrate_adjoint(sde, xs, noise) if adjoint else integrate_em(sde, xs, noise, checkpoint=cfg.checkpoint)
-        return ((x0 + 1.0) * 0.5).clamp(0.0, 1.0)
+        return self.adapt_out(((x0 + 1.0) * 0.5).clamp(0.0, 1.0))
 
     def purify(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         return self._purify(x, generator, steps=None, adjoint=False)
@@ -166,6 +172,8 @@ class DiffPureDDPMConfig(DefenseConfig):
     )
     model_path: str | None = field(default=None, metadata={"help": MODEL_PATH_HELP})
     backbone: Backbone = field(default="unet2d", metadata={"help": BACKBONE_HELP})
+    trained_on: str | None = trained_on_field()
+    adapter: AdapterMode = adapter_field()
 
     def __post_init__(self):
         if self.max_timestep is not None and not 1 <= self.max_timestep <= 1000:
@@ -208,7 +216,7 @@ class DiffPureDDPM(DiffusionDefense):
     Config = DiffPureDDPMConfig
     gradient_paths = frozenset({GradientPath.BPDA, GradientPath.FULL, GradientPath.SURROGATE})
     DEFAULTS = {"max_timestep": 100, "denoising_steps": 10, "surrogate_steps": 5, "checkpoint": True}
-    DATASET_DEFAULTS = {"digits": {"denoising_steps": 5, "surrogate_steps": 2, "checkpoint": False}}
+    DATASET_DEFAULTS = {ds: {"denoising_steps": 5, "surrogate_steps": 2, "checkpoint": False} for ds in ("digits", "mnist5k")}
 
     def _count_nfe(self, cfg) -> int:
         return cfg.denoising_steps
@@ -217,12 +225,12 @@ class DiffPureDDPM(DiffusionDefense):
         cfg = self.effective_config()
         seq = ddpm_sequence(cfg.max_timestep, steps)
         a = discrete_alpha_bar()[cfg.max_timestep - 1].item()
-        x_t = 2.0 * x - 1.0
+        x_t = 2.0 * self.adapt_in(x) - 1.0
         xs = math.sqrt(a) * x_t + math.sqrt(1.0 - a) * randn_like(x_t, generator)
         sampler = DDPMSampler(self._net(), seq, cfg.eta)
         noise = draw_noise(xs, len(seq), generator)
         x0 = integrate_steps(sampler, xs, noise, checkpoint=cfg.checkpoint)
-        return ((x0 + 1.0) * 0.5).clamp(0.0, 1.0)
+        return self.adapt_out(((x0 + 1.0) * 0.5).clamp(0.0, 1.0))
 
     def purify(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         return self._purify(x, generator, self.effective_config().denoising_steps)

@@ -47,6 +47,7 @@ from harness.core.env import WEIGHTS_DIR, sha256_file
 from harness.core.registry import HarnessError, MissingFileError
 from harness.core.registry import first_line as _first_line
 from harness.core.defense import Defense, DefenseConfig, GradientPath, SetupContext, randn_like, register_defense
+from defenses._transfer import AdapterMode, TransferMixin, adapter_field, trained_on_field
 
 #: Noise level of the Gaussian training sources (official ``SIGMA = 3``, divided by 10).
 SIGMA_MAX = 0.3
@@ -178,6 +179,8 @@ class FlowPureConfig(DefenseConfig):
     weights_sha256: str | None = field(
         default=None, metadata={"help": "sha256 the weights must have; filled in at setup, so it enters the job identity"}
     )
+    trained_on: str | None = trained_on_field()
+    adapter: AdapterMode = adapter_field()
 
     def __post_init__(self):
         for key in ("steps", "surrogate_steps"):
@@ -201,7 +204,7 @@ class GaussFlowPureConfig(FlowPureConfig):
 
 
 # --------------------------------------------------------------------------- defenses
-class FlowPureBase(Defense):
+class FlowPureBase(TransferMixin, Defense):
     """Shared machinery of the three variants: weights, the Euler flow, gradient paths, detection.
 
     Gradient paths:
@@ -242,22 +245,21 @@ class FlowPureBase(Defense):
         return self
 
     def setup(self, ctx: SetupContext) -> None:
+        inner = None
         if self.velocity is None:
-            path = find_weights(self.variant, ctx.dataset, self.config.weights, ctx.weights_dir)
+            path = find_weights(self.variant, self.training_dataset(ctx), self.config.weights, ctx.weights_dir)
             vfield, source, recipe = load_velocity(path, self.config.weights_sha256)
             if recipe.get("variant") not in (None, self.variant):
                 raise HarnessError(
                     f"FlowPure weights '{path.name}' were trained for variant '{recipe['variant']}'; defense '{self.name}' needs '{self.variant}' weights"
                 )
             cfg = recipe["unet_config"]
-            want = tuple(ctx.image_shape)
-            have = (cfg.get("in_channels"), cfg.get("sample_size"), cfg.get("sample_size"))
-            if have != want:
-                raise HarnessError(f"FlowPure weights '{path.name}' are for images of shape {have}; dataset '{ctx.dataset}' has {want}")
+            inner = (cfg.get("in_channels"), cfg.get("sample_size"), cfg.get("sample_size"))
             self.use_velocity(vfield)
             self.weights_source, self.recipe = source, recipe
             # The file's digest becomes part of the config, hence of the job identity.
             self.config = dataclasses.replace(self.config, weights_sha256=source["sha256"])
+        self.bind_transfer(ctx, inner)
         self.to(ctx.device)
 
     def _field(self) -> VelocityField:
@@ -276,7 +278,7 @@ class FlowPureBase(Defense):
     def _flow(self, x: torch.Tensor, generator: torch.Generator | None, steps: int, adjoint: bool = False) -> torch.Tensor:
         import torchdiffeq
 
-        x0, t0 = self.start(x, generator)
+        x0, t0 = self.start(self.adapt_in(x), generator)
         grid = self._grid(t0, steps, x0)
         if adjoint:
             # adjoint_params=(): the attacker needs d/dx only, never the weights' gradient.
@@ -286,7 +288,7 @@ class FlowPureBase(Defense):
         else:
             traj = torchdiffeq.odeint(self._field(), x0, grid, method="euler")
         # Deviation: the official code does not clamp; the harness contract needs [0, 1].
-        return traj[-1].clamp(0.0, 1.0)
+        return self.adapt_out(traj[-1].clamp(0.0, 1.0))
 
     def purify(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         return self._flow(x, generator, self.config.steps)
@@ -299,7 +301,7 @@ class FlowPureBase(Defense):
 
     def detection_score(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """Per-example l2 norm of the initial velocity ``v(t0, x(t0))`` (higher = more likely adversarial)."""
-        x0, t0 = self.start(x, generator)
+        x0, t0 = self.start(self.adapt_in(x), generator)
         return self._field()(torch.tensor(t0, dtype=x0.dtype, device=x0.device), x0).flatten(1).norm(dim=1)
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,7 @@ from harness.core.env import WEIGHTS_DIR, sha256_file
 from harness.core.registry import HarnessError, MissingFileError
 from harness.core.registry import first_line as _first_line
 from harness.core.defense import Defense, DefenseConfig, GradientPath, SetupContext, register_defense
+from defenses._transfer import TransferMixin, adapter_field, trained_on_field
 
 #: Folder of the shipped weights (``maep-<dataset>.pt`` with its ``.json`` recipe).
 
@@ -108,6 +109,8 @@ class MAEArch:
 ARCH_PRESETS: dict[str, dict[str, Any]] = {
     "vit-tiny": dict(patch=2, emb=192, enc_depth=12, enc_heads=3, dec_depth=4, dec_heads=3, mlp_ratio=4.0),
     "small": dict(patch=2, emb=64, enc_depth=4, enc_heads=4, dec_depth=2, dec_heads=4, mlp_ratio=4.0),
+    # mnist5k (28x28): patch 4 gives 49 tokens; patch 2's 196 tokens cost 4x per step on a CPU
+    "small-p4": dict(patch=4, emb=64, enc_depth=4, enc_heads=4, dec_depth=2, dec_heads=4, mlp_ratio=4.0),
 }
 
 
@@ -350,6 +353,11 @@ class MAEPConfig(DefenseConfig):
     weights_sha256: str | None = field(
         default=None, metadata={"help": "sha256 of the checkpoint; filled in at setup, and checked when given"}
     )
+    trained_on: str | None = trained_on_field()
+    adapter: Literal["auto", "resize", "tile", "none"] = adapter_field(
+        "images the trained size s does not tile: auto (tile when larger than s, else resize) | tile (resize to the "
+        "nearest multiple of s, then tiles) | resize (to s x s; channels replicated/averaged) | none (refuse)"
+    )
 
     def __post_init__(self):
         if not (self.tile in ("auto", "off") or (self.tile.isdigit() and int(self.tile) > 0)):
@@ -357,7 +365,7 @@ class MAEPConfig(DefenseConfig):
 
 
 @register_defense("maep")
-class MAEP(Defense):
+class MAEP(TransferMixin, Defense):
     """MAEP: masked-autoencoder purifier (arXiv 2501.16904).
 
     ``purify(x) = clamp(D(E(x)), 0, 1)`` with nothing masked: a ViT MAE trained with the
@@ -400,7 +408,7 @@ class MAEP(Defense):
 
     def setup(self, ctx: SetupContext) -> None:
         if self.net is None:
-            path = find_weights(ctx.dataset, self.config.weights, ctx.weights_dir)
+            path = find_weights(self.training_dataset(ctx), self.config.weights, ctx.weights_dir)
             net, source = load_checkpoint(path)
             if self.config.weights_sha256 and self.config.weights_sha256 != source["sha256"]:
                 raise HarnessError(
@@ -409,14 +417,24 @@ class MAEP(Defense):
             self.use_model(net, source)
         arch = self.net.arch
         c, h, w = ctx.image_shape
-        if c != arch.channels:
-            raise HarnessError(
-                f"maep: the purifier takes {arch.channels}-channel images but dataset '{ctx.dataset}' has {c} channels"
-            )
         s = self._tile_side()
-        tiled = tile_size_for(self.config.tile, s, h, w)
-        if tiled is not None:
-            self.setup_notes = [f"maep: {h}x{w} images purified as {h // s}x{w // s} tiles of {s}x{s} (trained size)"]
+        mode = self.config.adapter
+        tiles_as_is = c == arch.channels and h % s == 0 and w % s == 0 and mode != "resize"
+        if tiles_as_is or mode == "none":
+            if c != arch.channels:
+                raise HarnessError(
+                    f"maep: the purifier takes {arch.channels}-channel images but dataset '{ctx.dataset}' has {c} channels "
+                    "(adapter=none)"
+                )
+            self.bind_transfer(ctx, None)
+            tiled = tile_size_for(self.config.tile, s, h, w)
+            if tiled is not None:
+                self.setup_notes = [f"maep: {h}x{w} images purified as {h // s}x{w // s} tiles of {s}x{s} (trained size)"]
+        elif mode == "tile" or (mode == "auto" and max(h, w) > s):
+            inner = (arch.channels, max(1, round(h / s)) * s, max(1, round(w / s)) * s)
+            self.bind_transfer(ctx, inner, mode="tile")
+        else:
+            self.bind_transfer(ctx, (arch.channels, s, s), mode="resize")
         # Record the effective tiling and the weights' hash in the config: both enter the job identity.
         fill: dict[str, Any] = {}
         if self.source.get("sha256"):
@@ -440,10 +458,11 @@ class MAEP(Defense):
 
     def purify(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         net = self._net()
+        x = self.adapt_in(x) if x.dim() == 4 else x
         if x.dim() != 4 or x.shape[1] != net.arch.channels:
             raise HarnessError(f"maep: expected (B, {net.arch.channels}, H, W) images, got shape {tuple(x.shape)}")
         b, _, h, w = x.shape
         s = tile_size_for(self.config.tile, self._tile_side(), h, w)
         if s is None:
-            return net(x).clamp(0.0, 1.0)
-        return from_tiles(net(to_tiles(x, s)), b, h, w).clamp(0.0, 1.0)
+            return self.adapt_out(net(x).clamp(0.0, 1.0))
+        return self.adapt_out(from_tiles(net(to_tiles(x, s)), b, h, w).clamp(0.0, 1.0))

@@ -114,6 +114,14 @@ class ThreatSpec:
         metadata={"help": "most images in one defended forward pass (EOT samples and draws are stacked up to it; lower it to fit GPU memory)"},
     )
     detect: bool = field(default=False, metadata={"help": "store the detection ROC-AUC for defenses with a detection score"})
+    paired_reference: bool = field(
+        default=False,
+        metadata={
+            "help": "also score, on the same examples with the same attack seeds, the reference configuration (the "
+            "unshifted inputs; for a defense with trained_on, the purifier trained on the evaluated dataset) and the "
+            "undefended classifier on both; stores the paired changes (*_change metrics, Newcombe 95% intervals)"
+        },
+    )
 
     def __post_init__(self):
         from harness.core.attack import ATTACKS, SUITES
@@ -159,8 +167,16 @@ class ThreatSpec:
             parse_option(item, who)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able fields (the spec's part of the job identity)."""
-        return config_to_dict(self)
+        """JSON-able fields (the spec's part of the job identity).
+
+        Fields added after stores existed (:data:`_LATER_FIELDS`) are left out at their
+        default, so adding them kept every stored job's id.
+        """
+        out = config_to_dict(self)
+        for k, default in _LATER_FIELDS.items():
+            if out.get(k) == default:
+                out.pop(k)
+        return out
 
     def options_for_attack(self, attack: str) -> dict[str, str]:
         """The ``attack_options`` of one attack, as key -> value (the last setting wins)."""
@@ -227,6 +243,9 @@ class ThreatModel:
         spec = build_config(ThreatSpec, values, owner=f"threat '{self.name}'")
         return dataclasses.replace(spec, eps=canonical_float(spec.eps), step_size=canonical_float(spec.step_size))
 
+
+#: Spec fields added after stores existed, with their defaults (absent from the identity at the default).
+_LATER_FIELDS: dict[str, Any] = {"paired_reference": False}
 
 #: Spec fields that hold key=value option lists (merged by key, not replaced).
 _OPTION_FIELDS = ("attack_options", "shift_options")

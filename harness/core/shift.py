@@ -41,6 +41,9 @@ class ShiftContext:
         subset_x: all evaluation images of the job (CPU tensor), e.g. colour-transfer targets.
         subset_y: their labels.
         dataset: registry name of the dataset.
+        seed: the job seed, for per-example draws that must not depend on the batching
+            (e.g. a colour-transfer pairing keyed by the example's position).
+        subset_indices: dataset index of every evaluation image (position -> index), or None.
     """
 
     generator: torch.Generator
@@ -48,6 +51,8 @@ class ShiftContext:
     subset_x: torch.Tensor
     subset_y: torch.Tensor
     dataset: str
+    seed: int = 0
+    subset_indices: np.ndarray | None = None
 
 
 class Shift:

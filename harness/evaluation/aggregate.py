@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from harness.evaluation.resolve import ResolvedJob
-from harness.evaluation.stats import roc_auc, wilson_interval
+from harness.evaluation.stats import paired_change, roc_auc, wilson_interval
 from threat_models.scoring import RULES, score_draws
 
 Metric = tuple[float, float | None, float | None, int | None]
@@ -39,6 +39,38 @@ def accuracy_metrics(job: ResolvedJob, examples: list) -> dict[str, Metric]:
             if still[i] and pa.label in e.adv_preds:
                 still[i] = bool(score_draws(torch.tensor(e.adv_preds[pa.label])[None], torch.tensor([e.label]))[headline][0])
         frac(f"robust_accuracy_{pa.label}", sum(still))
+    return metrics
+
+
+def reference_metrics(job: ResolvedJob, examples: list) -> dict[str, Metric]:
+    """The ``paired_reference`` metrics, from each example's stored reference outcomes.
+
+    Under the spec's headline rule: ``clean_accuracy_unshifted`` and
+    ``robust_accuracy_unshifted`` (the reference configuration), the undefended
+    classifier's ``classifier_clean_accuracy``, ``classifier_robust_accuracy`` (shifted)
+    and ``..._unshifted`` (95% Wilson intervals), and the paired changes on the same
+    examples, shifted minus reference, with 95% Newcombe intervals:
+    ``clean_accuracy_change``, ``robust_accuracy_change`` (the defended model) and
+    ``clean_accuracy_classifier_change``, ``robust_accuracy_classifier_change`` (the
+    undefended classifier). Empty when the job has no reference outcomes.
+    """
+    refs = [getattr(e, "reference", None) for e in examples]
+    if not examples or any(r is None for r in refs):
+        return {}
+    rule = job.spec.scoring
+    n = len(examples)
+    main = {k: [bool(getattr(e, f"{k}_{rule}")) for e in examples] for k in ("clean", "robust")}
+    unshifted = {k: [bool(r["unshifted"][f"{k}_{rule}"]) for r in refs] for k in ("clean", "robust")}
+    clf = {k: [bool(r["classifier"][k]) for r in refs] for k in ("clean", "robust")}
+    clf_unshifted = {k: [bool(r["classifier_unshifted"][k]) for r in refs] for k in ("clean", "robust")}
+    metrics: dict[str, Metric] = {}
+    for k in ("clean", "robust"):
+        for name, vals in ((f"{k}_accuracy_unshifted", unshifted[k]), (f"classifier_{k}_accuracy", clf[k]),
+                           (f"classifier_{k}_accuracy_unshifted", clf_unshifted[k])):
+            lo, hi = wilson_interval(sum(vals), n)
+            metrics[name] = (sum(vals) / n, lo, hi, n)
+        metrics[f"{k}_accuracy_change"] = paired_change(main[k], unshifted[k])
+        metrics[f"{k}_accuracy_classifier_change"] = paired_change(clf[k], clf_unshifted[k])
     return metrics
 
 
@@ -78,12 +110,14 @@ def nfe_totals(job: ResolvedJob, batches: list) -> dict[str, Any]:
             nfe[k] = nfe.get(k, 0) + v
     per_call = job.defense.nfe_per_call
     nfe["nfe_per_purification"] = per_call
-    nfe["purifier_nfe_images"] = per_call * (nfe.get("attack_purifications", 0) + nfe.get("eval_purifications", 0))
+    nfe["purifier_nfe_images"] = per_call * (
+        nfe.get("attack_purifications", 0) + nfe.get("eval_purifications", 0) + nfe.get("reference_purifications", 0))
     return nfe
 
 
 def aggregate(job: ResolvedJob, examples: list, batches: list) -> dict:
     """Metrics, curves and NFE totals from stored rows."""
     metrics = accuracy_metrics(job, examples)
+    metrics.update(reference_metrics(job, examples))
     metrics.update(example_means(examples))
     return {"metrics": metrics, "curves": merged_curves(batches), "nfe": nfe_totals(job, batches)}

@@ -12,6 +12,7 @@ preprocessor-blind the adversarial examples are shared by every defense.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -36,7 +37,10 @@ from threat_models.scoring import RULES, predict_draws, score_draws
 N_SAMPLES = 8
 
 #: Threat-spec fields that do not change the adversarial examples of a classifier-only attack.
-_EVAL_ONLY_FIELDS = ("eval_draws", "scoring", "detect", "eot_samples", "eot_reduce", "name", "version", "max_forward", "cascade")
+_EVAL_ONLY_FIELDS = (
+    "eval_draws", "scoring", "detect", "eot_samples", "eot_reduce", "name", "version", "max_forward", "cascade",
+    "paired_reference",
+)
 
 
 @dataclass
@@ -113,7 +117,8 @@ def apply_shift(st: BatchState) -> None:
     job = st.job
     ctx = ShiftContext(
         generator=make_generator(st.device, derive_seed(st.seed, st.b, "shift")), positions=st.positions,
-        subset_x=job.subset.x, subset_y=job.subset.y, dataset=job.cfg.dataset,
+        subset_x=job.subset.x, subset_y=job.subset.y, dataset=job.cfg.dataset, seed=st.seed,
+        subset_indices=np.asarray(job.subset.indices),
     )
     out = job.shift.apply(st.x, st.y, context=ctx)
     x, info = out if isinstance(out, tuple) else (out, {})
@@ -267,6 +272,71 @@ def sample_rows(st: BatchState, x_orig: torch.Tensor, x_adv: torch.Tensor, pur_a
     return out
 
 
+# --------------------------------------------------------------------------- paired reference
+def _undefended(st: BatchState) -> dict[str, list[bool]]:
+    """The undefended classifier on the state's inputs: clean, and robust to the plan's attacks on it alone.
+
+    A classifier-only plan's adversarial examples are the classifier's already; otherwise
+    the plan's main-path attacks run again on the classifier alone, with the same seeds.
+    """
+    job, dev = st.job, st.device
+    clf = job.classifier.module
+    with torch.no_grad():
+        clean = clf(st.x).argmax(1) == st.y
+    robust = clean.clone()
+    if job.plan.classifier_only:
+        advs = [st.advs[pa.label].x_adv for pa in job.plan.attacks]
+    else:
+        model = DefendedForward(job.defense, clf, GradientPath.CLASSIFIER, None, max_forward=job.spec.max_forward)
+        gen = make_generator(dev, derive_seed(st.seed, st.b, "attack-start"))
+        budget = Budget(norm=job.spec.norm, eps=job.spec.eps)
+        advs = []
+        for pa in job.plan.attacks:
+            if pa.path is job.path:
+                rng = AttackRandomness(generator=gen, seed=derive_seed(st.seed, st.b, pa.label) % (2**31))
+                advs.append(pa.attack.run(model, st.x, st.y, budget, rng, lambda k: None).x_adv.detach())
+    with torch.no_grad():
+        for x_adv in advs:
+            robust &= clf(x_adv).argmax(1) == st.y
+    return {"clean": clean.tolist(), "robust": robust.tolist()}
+
+
+def paired_reference(st: BatchState, x_orig: torch.Tensor) -> tuple[list[dict], int]:
+    """Per example, the reference outcomes of ``paired_reference`` (stored in the examples' ``reference``),
+    and the number of images the reference purified (for the NFE totals).
+
+    ``unshifted``: the reference defense (the job's own, or for a transfer cell the one
+    trained on the evaluated dataset) on the unshifted inputs, attacked with the same
+    generators as the main run, under the three scoring rules; ``classifier`` and
+    ``classifier_unshifted``: the undefended classifier on the shifted and the unshifted
+    inputs. When nothing differs from the main run, its outcomes are reused.
+    """
+    job = st.job
+    shifted = not torch.equal(x_orig, st.x)
+    ref_job = job if job.reference_defense is None else dataclasses.replace(job, defense=job.reference_defense)
+    if not shifted and job.reference_defense is None:
+        ref = st
+    else:
+        ref = BatchState(job=ref_job, b=st.b, x=x_orig, y=st.y, positions=st.positions, tick=lambda k: None)
+        make_models(ref)
+        score_clean(ref)
+        reuse = None
+        if not shifted and job.plan.classifier_only:  # the same classifier-only attacks on the same inputs
+            reuse = {n: {"x_adv": r.x_adv, "margin": r.margin, "curve": r.curve} for n, r in st.advs.items()}
+        run_attacks(ref, reuse)
+    clf_shifted = _undefended(st)
+    clf_unshifted = _undefended(ref) if shifted else clf_shifted
+    purified = 0 if ref is st else sum(m.purified for m in ref.models.values()) + ref.eval_model.purified
+    rows = []
+    for i in range(len(st.y)):
+        rows.append({
+            "unshifted": {f"{k}_{r}": bool(getattr(ref, k)[r][i]) for k in ("clean", "robust") for r in RULES},
+            "classifier": {k: bool(v[i]) for k, v in clf_shifted.items()},
+            "classifier_unshifted": {k: bool(v[i]) for k, v in clf_unshifted.items()},
+        })
+    return rows, purified
+
+
 def run_batch(
     job: ResolvedJob,
     b: int,
@@ -302,7 +372,12 @@ def run_batch(
         "adv_reused": int(cached_adv is not None),
     }
     extra = {"shift": st.shift_info} if st.shift_info else {}
+    examples = example_rows(st, x_adv, worst_attack, quality, det)
+    if job.spec.paired_reference:
+        refs, nfe["reference_purifications"] = paired_reference(st, x_orig)
+        for row, ref in zip(examples, refs):
+            row["reference"] = ref
     return dict(
-        examples=example_rows(st, x_adv, worst_attack, quality, det), curves=st.curves, nfe=nfe,
+        examples=examples, curves=st.curves, nfe=nfe,
         seconds=time.perf_counter() - t0, samples=sample_rows(st, x_orig, x_adv, pur_adv), adv_cache=adv_entry, extra=extra,
     )

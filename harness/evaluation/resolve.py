@@ -70,6 +70,8 @@ class ResolvedJob:
     job_id: str
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     notes: list[str] = field(default_factory=list)
+    #: with ``paired_reference`` and a defense trained on another dataset: the same defense trained on this one
+    reference_defense: Defense | None = None
 
     @property
     def path(self) -> GradientPath:
@@ -112,6 +114,7 @@ class ResolvedJob:
             "eval_draws": self.draws,
             "stochastic": self.defense.stochastic,
             "notes": self.notes,
+            **({"reference_defense": self.identity["reference_defense"]["config"]} if self.reference_defense is not None else {}),
         }
 
 
@@ -243,6 +246,19 @@ def _setup_defense(defense: Defense, cfg: RunConfig, info: Any, clf: Any, device
         p.requires_grad_(False)
 
 
+def _reference_defense(
+    defense_cls: type[Defense], defense: Defense, values: dict, cfg: RunConfig, info, clf, device
+) -> Defense | None:
+    """For ``paired_reference``: the defense trained on the evaluated dataset when the job's was
+    trained on another one (a defense config field ``trained_on``, filled in at setup); else None."""
+    trained_on = getattr(defense.config, "trained_on", None)
+    if trained_on is None or trained_on == cfg.dataset:
+        return None
+    ref = defense_cls.from_dict({**values, "trained_on": cfg.dataset})
+    _setup_defense(ref, cfg, info, clf, device)
+    return ref
+
+
 def resolve(cfg: RunConfig) -> ResolvedJob:
     """Load and validate everything a job needs; raise HarnessError on bad input."""
     from harness import classifiers as C
@@ -274,11 +290,18 @@ def resolve(cfg: RunConfig) -> ResolvedJob:
     clf_name = cfg.classifier or C.default_classifier(cfg.dataset)
     clf = C.load_classifier(clf_name, dataset=cfg.dataset, weights=cfg.weights, model_dir=cfg.model_dir, device=device)
     _setup_defense(defense, cfg, info, clf, device)
+    ref_defense = None
+    if spec.paired_reference:
+        ref_defense = _reference_defense(defense_cls, defense, routed.defense, cfg, info, clf, device)
 
     draws = spec.eval_draws if defense.stochastic else 1
     job_eot = spec.eot_samples if (defense.stochastic and plan.main_path is not GradientPath.CLASSIFIER) else 1
     notes = ([n_note] if n_note else []) + list(defense.setup_notes) + _effective_notes(defense, spec, job_eot, draws)
     notes += list(plan.notes)
+    if spec.paired_reference:
+        ref = f"'{defense.name}' trained on '{cfg.dataset}'" if ref_defense is not None else "the same defense"
+        notes.append(f"paired reference: {ref} on the unshifted inputs, and the undefended classifier, on the same examples "
+                     "with the same attack seeds")
     identity = {
         "defense": defense.identity(),
         "threat": spec.to_dict(),
@@ -293,9 +316,11 @@ def resolve(cfg: RunConfig) -> ResolvedJob:
         "seed": cfg.seed,
         "packages": package_versions(),
     }
+    if ref_defense is not None:
+        identity["reference_defense"] = ref_defense.identity()
     identity = canonical(identity)
     job_id = hashlib.sha256(dumps(identity).encode()).hexdigest()
     return ResolvedJob(
         cfg=cfg, subset=subset, dataset_info=info, classifier=clf, defense=defense, spec=spec, plan=plan, shift=shift,
-        draws=draws, identity=identity, job_id=job_id, device=device, notes=notes,
+        draws=draws, identity=identity, job_id=job_id, device=device, notes=notes, reference_defense=ref_defense,
     )

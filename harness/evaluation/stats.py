@@ -18,6 +18,65 @@ def wilson_interval(k: float, n: int, z: float = 1.959963984540054) -> tuple[flo
     return (lo, hi)
 
 
+def newcombe_paired_interval(a: int, b: int, c: int, d: int, z: float = 1.959963984540054) -> tuple[float, float, float]:
+    """Difference p1 - p2 of two proportions measured on the same n = a + b + c + d units, with a 95% interval.
+
+    The 2x2 table of paired outcomes: ``a`` units succeed under both conditions, ``b``
+    under the first only, ``c`` under the second only, ``d`` under neither; so
+    p1 = (a + b) / n, p2 = (a + c) / n and the difference is (b - c) / n. The interval is
+    Newcombe's hybrid score interval for paired data (Newcombe 1998, method 10; the form
+    worked through in Altman et al., *Statistics with Confidence*, 2000): Wilson
+    intervals (l1, u1) and (l2, u2) of p1 and p2 combined with the estimated correlation
+    phi of the two outcomes,
+
+        L = D - sqrt((p1 - l1)^2 - 2 phi (p1 - l1)(u2 - p2) + (u2 - p2)^2)
+        U = D + sqrt((p2 - l2)^2 - 2 phi (p2 - l2)(u1 - p1) + (u1 - p1)^2)
+
+    with phi = (ad - bc - n/2) / sqrt((a+b)(c+d)(a+c)(b+d)) when ad - bc > n/2, 0 when
+    0 <= ad - bc <= n/2, (ad - bc) / sqrt(...) when ad - bc < 0, and 0 when a margin is
+    empty. Unlike a Wald interval it stays inside [-1, 1] and is not degenerate when
+    b = c = 0.
+
+    Returns:
+        ``(difference, lower, upper)``.
+    """
+    if min(a, b, c, d) < 0:
+        raise ValueError(f"paired counts must be >= 0, got {(a, b, c, d)}")
+    n = a + b + c + d
+    if n == 0:
+        return (0.0, -1.0, 1.0)
+    p1, p2 = (a + b) / n, (a + c) / n
+    l1, u1 = wilson_interval(a + b, n, z)
+    l2, u2 = wilson_interval(a + c, n, z)
+    margins = (a + b) * (c + d) * (a + c) * (b + d)
+    det = a * d - b * c
+    if margins == 0:
+        phi = 0.0
+    elif det > n / 2:
+        phi = (det - n / 2) / math.sqrt(margins)
+    elif det >= 0:
+        phi = 0.0
+    else:
+        phi = det / math.sqrt(margins)
+    diff = p1 - p2
+    lower = diff - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    upper = diff + math.sqrt(max(0.0, (p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2))
+    return (diff, max(-1.0, lower), min(1.0, upper))
+
+
+def paired_change(after: list[bool], before: list[bool]) -> tuple[float, float, float, int]:
+    """Change ``mean(after) - mean(before)`` of per-example outcomes on the same examples, with its
+    95% Newcombe paired interval (:func:`newcombe_paired_interval`); returns (change, lower, upper, n)."""
+    if len(after) != len(before):
+        raise ValueError(f"paired outcomes need the same examples: {len(after)} vs {len(before)}")
+    a = sum(1 for x, y in zip(after, before) if x and y)
+    b = sum(1 for x, y in zip(after, before) if x and not y)
+    c = sum(1 for x, y in zip(after, before) if y and not x)
+    d = len(after) - a - b - c
+    diff, lo, hi = newcombe_paired_interval(a, b, c, d)
+    return (diff, lo, hi, len(after))
+
+
 def roc_auc(negatives: list[float], positives: list[float]) -> float:
     """Area under the ROC curve of a score that should rank positives above negatives.
 

@@ -52,7 +52,11 @@ def _expand(spec: GridSpec) -> list[tuple[RunConfig, tuple[str, ...]]]:
             clfs = [None]
         for clf in clfs:
             for d in spec.defenses:
+                if d.datasets is not None and ds.name not in d.datasets:
+                    continue
                 for t in spec.threats:
+                    if d.threats is not None and t.name not in d.threats:
+                        continue
                     for seed in spec.seeds:
                         over = spec.overrides + ds.overrides + (clf.overrides if clf else ()) + d.overrides + t.overrides
                         where = spec.set_where + ds.set_where + (clf.set_where if clf else ()) + d.set_where + t.set_where

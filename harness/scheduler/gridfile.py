@@ -12,6 +12,10 @@ A grid file::
       - none
       - name: diffpure
         set: {t_star: 0.1}         # per-axis overrides
+      - name: maep
+        set: {trained_on: mnist5k}
+        threats: [cross-dataset]   # optional: only with these threats / on these datasets
+        datasets: [digits]
     threats:
       - preprocessor-blind
       - name: adaptive
@@ -56,7 +60,7 @@ UNSUPPORTED_KEYS = {
     "device": "devices are chosen on the command line: harness grid FILE --devices cuda:0,cuda:1",
 }
 AXIS_KEYS = {
-    "defenses": {"name", "set"},
+    "defenses": {"name", "set", "threats", "datasets"},
     "threats": {"name", "set"},
     "datasets": {"name", "set", "data_dir", "n_examples"},
     "classifiers": {"name", "weights", "model_dir", "datasets", "set"},
@@ -122,6 +126,7 @@ class AxisEntry:
     weights: str | None = None
     model_dir: str | None = None
     datasets: tuple[str, ...] | None = None
+    threats: tuple[str, ...] | None = None
     where: str = ""
     set_where: tuple[str, ...] = ()
 
@@ -191,9 +196,10 @@ def _axis(doc: _Map, axis: str, path: str, required: bool) -> tuple[AxisEntry, .
         n = item.get("n_examples")
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
             raise GridError(f"{_where(path, item, 'n_examples')}: n_examples must be a positive integer")
-        ds = item.get("datasets")
-        if ds is not None and not (isinstance(ds, list) and all(isinstance(d, str) for d in ds)):
-            raise GridError(f"{_where(path, item, 'datasets')}: 'datasets' must be a list of dataset names")
+        ds, ts = item.get("datasets"), item.get("threats")
+        for key, names in (("datasets", ds), ("threats", ts)):
+            if names is not None and not (isinstance(names, list) and all(isinstance(d, str) for d in names)):
+                raise GridError(f"{_where(path, item, key)}: '{key}' must be a list of {key[:-1]} names")
         for k in ("data_dir", "weights", "model_dir"):
             if item.get(k) is not None and not isinstance(item[k], str):
                 raise GridError(f"{_where(path, item, k)}: '{k}' must be a path")
@@ -202,7 +208,8 @@ def _axis(doc: _Map, axis: str, path: str, required: bool) -> tuple[AxisEntry, .
             AxisEntry(
                 name=item["name"], overrides=overrides, data_dir=item.get("data_dir"),
                 n_examples=n, weights=item.get("weights"), model_dir=item.get("model_dir"),
-                datasets=tuple(ds) if ds is not None else None, where=_where(path, item, "name"), set_where=set_where,
+                datasets=tuple(ds) if ds is not None else None, threats=tuple(ts) if ts is not None else None,
+                where=_where(path, item, "name"), set_where=set_where,
             )
         )
     return tuple(out)

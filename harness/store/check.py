@@ -1,8 +1,9 @@
 """Regression checks of stored results against an accuracy table (``harness check``).
 
 A table is a CSV with the columns ``defense, threat, dataset, classifier, metric,
-expected, tolerance``; optional columns ``seed``, ``norm``, ``eps`` and ``n_examples``
-narrow the match. ``tolerance`` is an absolute difference; left empty, the stored
+expected, tolerance``; optional columns ``seed``, ``norm``, ``eps``, ``n_examples``,
+``shift`` (:func:`shift_label`, e.g. ``brightness:severity=3``) and ``trained_on`` (the
+purifier's training dataset) narrow the match. ``tolerance`` is an absolute difference; left empty, the stored
 result's own 95% interval is the tolerance (the expected value must lie inside it). A
 row with no matching finished job fails, as does a result outside its tolerance.
 """
@@ -18,7 +19,28 @@ from harness.core.registry import HarnessError
 from harness.store import Store
 
 REQUIRED = ("defense", "threat", "dataset", "classifier", "metric", "expected", "tolerance")
-OPTIONAL = ("seed", "norm", "eps", "n_examples")
+OPTIONAL = ("seed", "norm", "eps", "n_examples", "shift", "trained_on")
+
+
+def shift_label(config: dict | None) -> str:
+    """A job's input shift as ``name`` or ``name:key=value,...`` (from its stored configuration)."""
+    shift = (config or {}).get("shift") or {}
+    opts = ",".join(f"{k}={v}" for k, v in sorted((shift.get("config") or {}).items()))
+    return f"{shift.get('name', 'none')}:{opts}" if opts else str(shift.get("name", "none"))
+
+
+def trained_on(config: dict | None) -> str:
+    """The dataset a job's purifier was trained on ('' for defenses without the option)."""
+    return str(((config or {}).get("defense_config") or {}).get("trained_on") or "")
+
+
+def job_value(job, column: str):
+    """A job's value of a table column (the jobs row, or its configuration for shift / trained_on)."""
+    if column == "shift":
+        return shift_label(job.config)
+    if column == "trained_on":
+        return trained_on(job.config)
+    return getattr(job, column)
 
 
 @dataclass
@@ -72,7 +94,7 @@ def load_table(path: str | Path) -> list[CheckRow]:
 
 def _matches(job, key: dict) -> bool:
     for c, v in key.items():
-        have = getattr(job, c)
+        have = job_value(job, c)
         if c in ("eps",):
             if have is None or abs(float(have) - float(v)) > 1e-9:
                 return False

@@ -97,6 +97,9 @@ class ExampleRow(Base):
     ssim_clean: Mapped[float | None] = mapped_column(Float, nullable=True)
     psnr_adv: Mapped[float | None] = mapped_column(Float, nullable=True)
     ssim_adv: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # paired_reference: the reference outcomes on the same example (harness.evaluation.batch.paired_reference);
+    # added after stores existed: harness.store.migrate adds the column to an older store
+    reference: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
 
 class MetricRow(Base):

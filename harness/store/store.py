@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from harness.core.registry import HarnessError
 from harness.store.codec import decode_images, encode_images, pack_adv, unpack_adv
+from harness.store.migrate import add_missing_columns
 from harness.store.schema import (
     SCHEMA_VERSION,
     AdvCacheRow,
@@ -221,6 +222,7 @@ class Store:
 
         def fn(s: Session) -> None:
             Base.metadata.create_all(s.connection())  # checks and creates under the write lock
+            add_missing_columns(s.connection())  # columns added since older stores were written
             row = s.get(MetaRow, "schema_version")
             if row is None:
                 s.add(MetaRow(key="schema_version", value=str(SCHEMA_VERSION)))

@@ -8,7 +8,7 @@ gives FlowPure's CW protocol, ``--set attacks=autoattack`` MAEP's AutoAttack-sta
 
 from threat_models.specs import L2_EPS, ThreatModel, family_defaults, register_threat
 
-register_threat(
+PREPROCESSOR_BLIND = register_threat(
     ThreatModel(
         name="preprocessor-blind",
         description="PGD on the classifier alone (the attacker ignores the purifier); then purify and classify R times",
