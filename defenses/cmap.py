@@ -72,14 +72,17 @@ ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 class CMAPConfig(DefenseConfig):
     model_path: str | None = field(default=None, metadata={"help": "consistency model .pt (with its .json); default: shipped <dataset>-cm"})
     n_latents: int | None = field(default=None, metadata={"help": "N latents per image (CIFAR 8; digits 4)"})
-    steps: int | None = field(default=None, metadata={"help": "K Adam steps (CIFAR 100; digits 20)"})
-    lr: float | None = field(default=None, metadata={"help": "Adam learning rate on z (0.05)"})
+    steps: int | None = field(default=None, metadata={"help": "K Adam steps (CIFAR 100; digits 40)"})
+    lr: float | None = field(default=None, metadata={"help": "Adam learning rate on z (CIFAR 0.05; digits 0.1)"})
     lam: float = field(default=1.0, metadata={"help": "lambda, the SSIM weight in L_a"})
     beta: float = field(default=1.0, metadata={"help": "beta, the weight of the latent moment term L_d"})
     moments: Literal["per-dimension", "scalar"] = field(default="per-dimension", metadata={"help": "L_d statistics"})
     ties: Literal["softmax", "lowest"] = field(default="softmax", metadata={"help": "vote ties: summed softmax or lowest class"})
     sigma_a: float = field(default=0.5, metadata={"help": "noise level of the one-step surrogate path"})
     checkpoint: bool | None = field(default=None, metadata={"help": "checkpoint each unrolled Adam step on the full path (CIFAR: true)"})
+    backbone: Literal["unet", "ncsnpp"] = field(default="unet", metadata={
+        "help": "unet: a harness-trained diffusers UNet (<name>.pt + .json recipe); ncsnpp: the NCSN++ of the public PyTorch "
+        "port of OpenAI's CD-LPIPS CIFAR-10 model (a converted state_dict, --set model_path=FILE.pth)"})
 
     def __post_init__(self):
         for k in ("n_latents", "steps"):
@@ -165,6 +168,8 @@ class CMAP(Defense):
     def setup(self, ctx: SetupContext) -> None:
         notes = self._fill(self.DATASET_DEFAULTS.get(ctx.dataset, {}))
         self.setup_notes = [f"cmap: {'; '.join(notes)}"] if notes else []
+        if self.cm is None and self.config.backbone == "ncsnpp":
+            self.use_model(*_load_ncsnpp_cm(self.config.model_path, ctx))
         if self.cm is None:
             path = Path(self.config.model_path) if self.config.model_path else (ctx.weights_dir or WEIGHTS_DIR) / f"{ctx.dataset}-cm.pt"
             if not path.is_file():
@@ -289,3 +294,25 @@ class CMAP(Defense):
             raise HarnessError(f"defense 'cmap' has no '{path.value}' gradient path (supports: bpda, full, surrogate)")
         logits = classifier(inputs)
         return logits.view(B, -1, logits.shape[-1]).mean(1)
+
+
+def _load_ncsnpp_cm(model_path: str | None, ctx: SetupContext) -> tuple[ConsistencyFunction, dict[str, Any]]:
+    """The CD-LPIPS NCSN++ (a user's converted state_dict) as f(x, t): Fourier time embedding of 0.25 ln t."""
+    from defenses.networks.ncsnpp import load_cm_ncsnpp
+
+    if not model_path:
+        raise MissingFileError(
+            "cmap backbone=ncsnpp needs the consistency model's file: --set model_path=FILE.pth (the PyTorch port of "
+            "OpenAI's CD-LPIPS CIFAR-10 checkpoint as a state_dict; its architecture from FILE.json beside it, else CD-LPIPS's)"
+        )
+    path = Path(model_path).expanduser()
+    if not path.is_file():
+        raise MissingFileError(f"consistency model '{path}' (backbone ncsnpp) does not exist")
+    net, source = load_cm_ncsnpp(path)
+    size = net.config.image_size
+    if tuple(ctx.image_shape[1:]) != (size, size) or ctx.image_shape[0] != net.config.num_channels:
+        raise HarnessError(
+            f"cmap backbone=ncsnpp: the consistency model takes {net.config.num_channels}x{size}x{size} images, dataset "
+            f"'{ctx.dataset}' has {'x'.join(map(str, ctx.image_shape))}"
+        )
+    return ConsistencyFunction(net), source

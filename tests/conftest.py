@@ -14,6 +14,15 @@ TOY_ATTACK = str(Path(__file__).parent / "plugins" / "toy_attack.py")
 TOY_SHIFT = str(Path(__file__).parent / "plugins" / "toy_shift.py")
 
 
+#: The longest tests, started first so that pytest-xdist's other worker runs the rest meanwhile.
+FIRST = ("test_smoke_grid.py",)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Put the longest tests at the front of the collection (xdist hands out tests in order)."""
+    items.sort(key=lambda item: item.nodeid.split("::")[0].rsplit("/", 1)[-1] not in FIRST)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _registries():
     """Load built-in plugins and the toy plugin once (as `--plugin` would)."""

@@ -37,7 +37,7 @@ from defenses.networks.ncsnpp import (
 )
 from harness.core.defense import SetupContext
 from harness.core.env import sha256_file
-from harness.core.registry import HarnessError
+from harness.core.registry import HarnessError, MissingFileError
 from threat_models.specs import canonical_float
 
 # name -> (fixture stem of the full-size model, reduced stem, config flavour, preset)
@@ -638,3 +638,30 @@ def test_paper_grid_dry_run_names_the_missing_checkpoint_and_where_to_get_it(tmp
     assert len(missing) == 10 and len(refused) == 4
     want = str(tmp_path / "pretrained" / "score_sde" / "checkpoint_8.pth")
     assert all(want in ln and "16_-Ahc6ImZV5ClUc0vM5Iivf8OJ1VSif" in ln and "DiffPure README" in ln for ln in missing)
+
+
+def test_cmap_runs_on_a_cd_lpips_ncsnpp_file(fx, tmp_path, one_thread):
+    """CMAP with backbone=ncsnpp: the user's converted CD-LPIPS state_dict is its consistency model on CIFAR-10."""
+    from defenses.cmap import CMAP
+
+    f = tmp_path / "cd_lpips.pth"
+    torch.save(torch.load(fx / "cm_ncsnpp_small.pt", weights_only=True), f)
+    f.with_suffix(".json").write_text((fx / "cm_ncsnpp_small.config.json").read_text())
+    cfg = small_config(fx, "cm")
+    shape = (cfg.num_channels, cfg.image_size, cfg.image_size)
+    ctx = SetupContext(classifier=None, dataset="cifar10", image_shape=shape, num_classes=10)
+    d = CMAP.from_dict({"backbone": "ncsnpp", "model_path": str(f), "n_latents": 2, "steps": 2})
+    d.setup(ctx)
+    assert d.source["kind"] == "cm-ncsnpp" and d.identity()["consistency_model"] == d.source["sha256"]
+    z = torch.randn(1, 2, *shape, generator=torch.Generator().manual_seed(0))
+    want = (ConsistencyFunction(small_net(fx, "cm")).generate(z.flatten(0, 1)) + 1) / 2
+    with torch.no_grad():
+        torch.testing.assert_close(d.images(z).flatten(0, 1), want.clamp(0, 1), atol=1e-5, rtol=0)
+        out = d.purify(torch.rand(3, *shape, generator=torch.Generator().manual_seed(1)), generator=torch.Generator().manual_seed(2))
+    assert out.shape == (3, *shape) and 0 <= out.min() and out.max() <= 1
+
+    with pytest.raises(MissingFileError, match="model_path"):
+        CMAP.from_dict({"backbone": "ncsnpp"}).setup(ctx)
+    with pytest.raises(HarnessError, match="takes"):
+        CMAP.from_dict({"backbone": "ncsnpp", "model_path": str(f)}).setup(
+            SetupContext(classifier=None, dataset="digits", image_shape=(1, 8, 8), num_classes=10))
