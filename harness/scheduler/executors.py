@@ -61,7 +61,10 @@ def _worker_main(device: str, tasks, results, threads: int | None, store_url: st
         try:
             job = resolve(dataclasses.replace(cfg, device=device))
             if job.job_id != job_id:
-                raise HarnessError(f"job identity differs on worker {device} ({job.job_id[:12]} != {job_id[:12]}): package versions?")
+                raise HarnessError(
+                    f"job identity differs on worker {device} ({job.job_id[:12]} != {job_id[:12]}): "
+                    "a plugin's source file or the package versions changed after the grid started?"
+                )
             for b, payload in iter_batches(job, set(skip), adv_lookup=reader.get_adv):
                 results.put(("batch", job_id, b, payload))
             results.put(("done", job_id, None, None))
@@ -186,7 +189,10 @@ def _ray_job(job_id: str, cfg: RunConfig, skip: list[int], store_url: str, gpu: 
     device = "cuda" if gpu else "cpu"
     job = resolve(dataclasses.replace(cfg, device=device))
     if job.job_id != job_id:
-        raise HarnessError(f"job identity differs on the Ray worker ({job.job_id[:12]} != {job_id[:12]}): package versions?")
+        raise HarnessError(
+            f"job identity differs on the Ray worker ({job.job_id[:12]} != {job_id[:12]}): "
+            "a plugin's source file or the package versions changed after the grid started?"
+        )
     # the adversarial-example cache is read where the SQLite file is visible (same machine
     # or a shared filesystem); elsewhere the worker computes them itself
     path = store_url.split("sqlite:///", 1)[1] if store_url.startswith("sqlite:///") else None
