@@ -1,4 +1,4 @@
-"""``harness show``: one job in full (configuration, identity, metrics, curves, environment) as JSON."""
+"""``harness show``: one job in full (flags, configuration, identity, metrics, curves, environment) as JSON."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def cmd_show(args) -> int:
         raise HarnessError(f"job id prefix '{args.job_id}' is ambiguous ({len(matches)} jobs)")
     j = matches[0]
     out = {
-        "job_id": j.id, "status": j.status, "reason": j.reason, "config": j.config, "identity": j.identity,
+        "job_id": j.id, "status": j.status, "reason": j.reason, "flags": j.flags, "config": j.config, "identity": j.identity,
         "metrics": {k: {"value": m.value, "lower": m.lower, "upper": m.upper, "n": m.n} for k, m in store.metrics(j.id).items()},
         "curves": store.curves(j.id), "timings": j.timings, "nfe": j.nfe, "environment": j.environment,
     }

@@ -511,6 +511,7 @@ class Store:
                 "robust_majority": val("robust_accuracy_majority"),
                 "robust_worst": val("robust_accuracy_worst"),
                 "seconds": (j.timings or {}).get("total_s"),
+                "flags": j.flags,  # list of {"flag", "detail"} (harness.evaluation.flags); None: stored before flags
             }
             for extra in ("psnr_clean", "ssim_clean", "psnr_adv", "ssim_adv", "detection_auc"):
                 if extra in ms:
