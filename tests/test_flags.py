@@ -55,8 +55,8 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("attacks", ["pgd", "apgd-ce"])
 def test_a_nan_gradient_ends_the_job_with_one_line_naming_the_defense_and_path(attacks, tmp_path, capsys):
     db = str(tmp_path / "r.db")
-    code, out, err = run_cli(["run", "--plugin", TOY_PLUGIN, "--defense", "toy-nan-grad", "--threat", "adaptive",
-                              "--n-examples", "8", "--set", f"attacks={attacks}", "--db", db], capsys)
+    code, _, err = run_cli(["run", "--plugin", TOY_PLUGIN, "--defense", "toy-nan-grad", "--threat", "adaptive",
+                            "--n-examples", "8", "--set", f"attacks={attacks}", "--db", db], capsys)
     assert code == 2
     line = err.strip().splitlines()[-1]
     assert line.startswith("error: ") and "toy-nan-grad" in line and "full gradient path" in line and "non-finite" in line
@@ -77,7 +77,9 @@ def test_pgd_refuses_a_nan_gradient_of_any_model():
         def backward(ctx, g):
             return g * float("nan")
 
-    model = lambda x: NaNGrad.apply(x).flatten(1)[:, :3]  # noqa: E731
+    def model(x):
+        return NaNGrad.apply(x).flatten(1)[:, :3]
+
     with pytest.raises(HarnessError, match="non-finite input gradients"):
         pgd(model, torch.rand(2, 1, 2, 2), torch.tensor([0, 1]), norm="linf", eps=0.1, steps=2, step_size=0.05)
 

@@ -72,8 +72,8 @@ def format_comparison(c: dict) -> str:
             f"{kind:<10}{'B right':>10}{'B wrong':>10}",
             f"{'  A right':<10}{t['both']:>10}{t['first_only']:>10}",
             f"{'  A wrong':<10}{t['second_only']:>10}{t['neither']:>10}",
-            f"  accuracy A {100 * r['accuracy_first']:.1f}%, B {100 * r['accuracy_second']:.1f}%; "
-            f"B - A {100 * r['difference']:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}] (95% Newcombe)",
+            (f"  accuracy A {100 * r['accuracy_first']:.1f}%, B {100 * r['accuracy_second']:.1f}%; "
+             f"B - A {100 * r['difference']:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}] (95% Newcombe)"),
             f"  exact McNemar p = {r['p_value']:.4g} ({t['first_only']} right only under A, {t['second_only']} only under B)",
         ]
     return "\n".join(lines)

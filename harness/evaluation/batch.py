@@ -28,7 +28,6 @@ from harness.core.env import package_versions
 from harness.core.registry import HarnessError
 from harness.core.shift import ShiftContext
 from harness.evaluation import quality as Q
-
 from harness.evaluation.forward import DefendedForward, derive_seed, make_generator
 from harness.evaluation.plan import PlannedAttack
 from harness.evaluation.resolve import ResolvedJob
