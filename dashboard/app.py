@@ -228,7 +228,8 @@ def leaderboard_section(b: dict) -> None:
         "One row per (defense, classifier, dataset), sorted by the worst case over every threat model run. "
         "Cells: accuracy % [95% Wilson interval] n=examples · gradient path, EOT samples per gradient, R evaluation draws. "
         "A threat cell is the minimum over its jobs (seeds, budgets). † non-adaptive attack (the gradient ignores or "
-        "approximates the purifier). ⚠ the row was evaluated by non-adaptive threats only: its robust accuracy is an upper bound at best. "
+        "approximates the purifier). ⚠ the row was evaluated by non-adaptive threats only: its robust accuracy is an upper "
+        "bound at best. "
         "🚩 the cell's job is flagged (not_converged, zero_gradients, randomness_detected, autoattack: see the drill-down)."
     )
     for ds, budgets in b["mixed"].items():
@@ -403,7 +404,8 @@ def compare_block(db: str, sig: tuple, jobs: pd.DataFrame, d: dict) -> None:
         return
     lab = {r.job_id: f"{r.defense} · {_job_label(r)}" for r in others.itertuples()}
     other = st.selectbox("Paired comparison with another job of this dataset (same examples; exact McNemar)",
-                         [None, *others["job_id"].tolist()], format_func=lambda k: "—" if k is None else lab[k], key="compare_pick")
+                         [None, *others["job_id"].tolist()], format_func=lambda k: "—" if k is None else lab[k],
+                         key="compare_pick")
     if other is None:
         return
     c = _compare(db, sig, d["id"], other)

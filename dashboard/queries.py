@@ -309,10 +309,10 @@ def leaderboard(jobs: pd.DataFrame) -> pd.DataFrame:
     out = out[cols]
 
     w = cells.reset_index().sort_values(["robust", "robust_n"], ascending=[True, False], na_position="last").drop_duplicates(KEY)
-    w = w.set_index(KEY)[["robust", "robust_lo", "robust_hi", "robust_n", "threat", "gradient_path", "eot_samples", "eval_draws", "job_id",
-                          "flags"]]
-    w.columns = ["worst", "worst:lo", "worst:hi", "worst:n", "worst:threat", "worst:path", "worst:eot", "worst:draws", "worst:job",
-                 "worst:flags"]
+    w = w.set_index(KEY)[["robust", "robust_lo", "robust_hi", "robust_n", "threat", "gradient_path", "eot_samples", "eval_draws",
+                          "job_id", "flags"]]
+    w.columns = ["worst", "worst:lo", "worst:hi", "worst:n", "worst:threat", "worst:path", "worst:eot", "worst:draws",
+                 "worst:job", "worst:flags"]
     out = out.join(w)
 
     g = done.groupby(KEY)
@@ -396,7 +396,8 @@ def display_table(lb: pd.DataFrame) -> pd.DataFrame:
     worst = []
     for acc, lo, hi, n, thr, path, eot, draws, nao, fl in zip(
         _col(lb, "worst"), _col(lb, "worst:lo"), _col(lb, "worst:hi"), _col(lb, "worst:n"), _col(lb, "worst:threat"),
-        _col(lb, "worst:path"), _col(lb, "worst:eot"), _col(lb, "worst:draws"), _col(lb, "non_adaptive_only"), _col(lb, "worst:flags"),
+        _col(lb, "worst:path"), _col(lb, "worst:eot"), _col(lb, "worst:draws"), _col(lb, "non_adaptive_only"),
+        _col(lb, "worst:flags"),
     ):
         if acc is None or pd.isna(acc):
             worst.append("–")
@@ -663,9 +664,11 @@ def compare_jobs(engine: Engine, job_a: str, job_b: str) -> dict[str, Any]:
 
     j, e = Job.__table__, ExampleRow.__table__
     with engine.connect() as conn:
-        specs = {r.id: (r.config or {}).get("threat_spec", {}) for r in conn.execute(select(j.c.id, j.c.config).where(j.c.id.in_([job_a, job_b])))}
+        both = [job_a, job_b]
+        specs = {r.id: (r.config or {}).get("threat_spec", {})
+                 for r in conn.execute(select(j.c.id, j.c.config).where(j.c.id.in_(both)))}
         rows = conn.execute(select(e.c.job_id, e.c.dataset_index, e.c.clean_single, e.c.clean_majority, e.c.clean_worst,
-                                   e.c.robust_single, e.c.robust_majority, e.c.robust_worst).where(e.c.job_id.in_([job_a, job_b]))).all()
+                                   e.c.robust_single, e.c.robust_majority, e.c.robust_worst).where(e.c.job_id.in_(both))).all()
     per: dict[str, dict[int, tuple]] = {job_a: {}, job_b: {}}
     for jid, idx, *vals in rows:
         rule = specs.get(jid, {}).get("scoring", "worst")

@@ -6,8 +6,9 @@ Randomness comes from per-batch generators derived from (seed, batch, stream): t
 attacker's purification noise per path (``attack-noise``), its random starts
 (``attack-start``), library seeds per attack label, the evaluation draws
 (``eval-noise``), the quality purifications (``quality``), the detector (``detect``),
-the shift (``shift``) and the flag checks (``flags``, :func:`flag_checks`). The attack streams do not depend on the defense, so under
-preprocessor-blind the adversarial examples are shared by every defense.
+the shift (``shift``) and the flag checks (``flags``, :func:`flag_checks`). The attack
+streams do not depend on the defense, so under preprocessor-blind the adversarial
+examples are shared by every defense.
 """
 
 from __future__ import annotations
