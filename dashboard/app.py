@@ -228,7 +228,9 @@ def leaderboard_section(b: dict) -> None:
         "One row per (defense, classifier, dataset), sorted by the worst case over every threat model run. "
         "Cells: accuracy % [95% Wilson interval] n=examples · gradient path, EOT samples per gradient, R evaluation draws. "
         "A threat cell is the minimum over its jobs (seeds, budgets). † non-adaptive attack (the gradient ignores or "
-        "approximates the purifier). ⚠ the row was evaluated by non-adaptive threats only: its robust accuracy is an upper bound at best."
+        "approximates the purifier). ⚠ the row was evaluated by non-adaptive threats only: its robust accuracy is an upper "
+        "bound at best. "
+        "🚩 the cell's job is flagged (not_converged, zero_gradients, randomness_detected, autoattack: see the drill-down)."
     )
     for ds, budgets in b["mixed"].items():
         st.warning(f"Dataset {ds}: the filtered jobs mix budgets ({', '.join(budgets)}); filter norm and eps to compare like with like.")
@@ -333,6 +335,8 @@ def drilldown_section(db: str, sig: tuple, b: dict) -> None:
     )
     if d.get("reason"):
         st.error(f"{d['status']}: {d['reason']}")
+    flags_block(d.get("flags"))
+    compare_block(db, sig, jobs, d)
     tabs = st.tabs(["Convergence", "Metrics & cost", "Configuration", "Environment", "Per-example", "Gallery"])
     with tabs[0]:
         if data["curves"].empty:
@@ -377,6 +381,50 @@ def drilldown_section(db: str, sig: tuple, b: dict) -> None:
             st.dataframe(Q.examples_for_display(ex), hide_index=True, height=min(38 + 35 * len(ex), 420))
     with tabs[5]:
         gallery(data)
+
+
+def flags_block(flags) -> None:
+    """The job's flags on weak numbers (harness.evaluation.flags), one line each."""
+    if flags is None:
+        st.caption("Flags: not computed (the job was stored before flags existed).")
+    elif flags:
+        st.warning("🚩 **Flags** (why this number may be too high)\n\n"
+                   + "\n".join(f"- `{f.get('flag')}`: {f.get('detail', '')}" for f in flags if isinstance(f, dict)))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _compare(db: str, sig: tuple, job_a: str, job_b: str) -> dict:
+    return Q.compare_jobs(_engine(db), job_a, job_b)
+
+
+def compare_block(db: str, sig: tuple, jobs: pd.DataFrame, d: dict) -> None:
+    """A paired comparison of this job with another finished job of the same dataset (exact McNemar)."""
+    others = jobs[(jobs["status"] == "done") & (jobs["dataset"] == d["dataset"]) & (jobs["job_id"] != d["id"])]
+    if others.empty:
+        return
+    lab = {r.job_id: f"{r.defense} · {_job_label(r)}" for r in others.itertuples()}
+    other = st.selectbox("Paired comparison with another job of this dataset (same examples; exact McNemar)",
+                         [None, *others["job_id"].tolist()], format_func=lambda k: "—" if k is None else lab[k],
+                         key="compare_pick")
+    if other is None:
+        return
+    c = _compare(db, sig, d["id"], other)
+    if not c["n_shared"]:
+        st.info("The two jobs share no examples (no common dataset index).")
+        return
+    rows = []
+    for kind in ("robust", "clean"):
+        r, t = c[kind], c[kind]["table"]
+        lo, hi = r["difference_ci95"]
+        rows.append({
+            "": kind, "A (this job) %": f"{100 * r['accuracy_first']:.1f}", "B %": f"{100 * r['accuracy_second']:.1f}",
+            "B - A (pts, 95% CI)": f"{100 * r['difference']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]",
+            "both right": t["both"], "A only": t["first_only"], "B only": t["second_only"], "neither": t["neither"],
+            "McNemar p (exact)": f"{r['p_value']:.4g}",
+        })
+    st.dataframe(pd.DataFrame(rows), hide_index=True, key="compare_table")
+    st.caption(f"{c['n_shared']} shared examples, each job under its own headline scoring rule. The p-value is the exact "
+               "two-sided binomial test on the discordant examples (A only vs B only); `harness compare` prints the same.")
 
 
 def gallery(data: dict) -> None:

@@ -37,10 +37,11 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import String, and_, create_engine, event, inspect, select, type_coerce
+from sqlalchemy import String, and_, create_engine, event, inspect, literal, select, type_coerce
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
 
+from harness.evaluation.flags import format_flags
 from harness.evaluation.stats import wilson_interval
 from harness.store import resolve_url
 from harness.store.check import shift_label
@@ -64,7 +65,8 @@ JOB_COLUMNS = [
     "job_id", "status", "reason", "defense", "threat", "dataset", "classifier", "seed", "n_examples", "norm", "eps",
     "gradient_path", "eot_samples", "eval_draws", "stochastic", "adaptive", "finished_at",
     "total_s", "per_example_s", "classifier_images", "purifier_nfe_images",
-    "clean", "clean_lo", "clean_hi", "clean_n", "robust", "robust_lo", "robust_hi", "robust_n", "shift", "trained_on", "beside",
+    "clean", "clean_lo", "clean_hi", "clean_n", "robust", "robust_lo", "robust_hi", "robust_n", "shift", "trained_on", "flags",
+    "beside",
 ]
 
 EMPTY_HELP = """\
@@ -118,6 +120,11 @@ def store_signature(db: str | None) -> tuple:
     return tuple(sig)
 
 
+def _columns(engine: Engine, table: str) -> set[str]:
+    """The columns a store's table has (an older store lacks those added since: harness.store.migrate)."""
+    return {c["name"] for c in inspect(engine).get_columns(table)}
+
+
 def has_jobs_table(engine: Engine) -> bool:
     return inspect(engine).has_table("jobs")
 
@@ -153,6 +160,7 @@ def load_jobs(engine: Engine, rule: str = "headline") -> pd.DataFrame:
             nf["classifier_images"].as_float(), nf["purifier_nfe_images"].as_float(),
             c.c.value, c.c.lower, c.c.upper, c.c.n, r.c.value, r.c.lower, r.c.upper, r.c.n,
             j.c.config["shift"], j.c.config[("defense_config", "trained_on")].as_string(),
+            j.c.flags if "flags" in _columns(engine, "jobs") else literal(None),  # a store older than flags lacks the column
         )
         .select_from(
             j.outerjoin(c, and_(c.c.job_id == j.c.id, c.c.name == clean_name)).outerjoin(
@@ -177,6 +185,7 @@ def load_jobs(engine: Engine, rule: str = "headline") -> pd.DataFrame:
     df["classifier_per_example"] = df["classifier_images"] / n
     df["finished_at"] = pd.to_datetime(df["finished_at"], errors="coerce", utc=True, format="ISO8601")
     df["shift"] = [shift_label({"shift": c}) for c in df["shift"]]  # the stored shift identity -> its label
+    df["flags"] = [format_flags(f) for f in df["flags"]]  # "not_converged,zero_gradients", "" none, "?" stored before flags
     df["beside"] = df["threat"].isin(BESIDE_THREATS) | (df["shift"] != "none") | (
         df["trained_on"].notna() & (df["trained_on"] != df["dataset"]))
     return df
@@ -243,11 +252,12 @@ def mixed_budgets(jobs: pd.DataFrame) -> dict[str, list[str]]:
 
 # --------------------------------------------------------------------------- leaderboard
 _CELL = {"robust": "", "robust_lo": ":lo", "robust_hi": ":hi", "robust_n": ":n", "gradient_path": ":path",
-         "eot_samples": ":eot", "eval_draws": ":draws", "adaptive": ":adaptive", "jobs": ":jobs", "job_id": ":job"}
+         "eot_samples": ":eot", "eval_draws": ":draws", "adaptive": ":adaptive", "jobs": ":jobs", "job_id": ":job",
+         "flags": ":flags"}
 
 
 _SLIM = KEY + ["threat", "status", "reason", "job_id", "finished_at", "gradient_path", "eot_samples", "eval_draws", "adaptive",
-               "clean", "clean_lo", "clean_hi", "clean_n", "robust", "robust_lo", "robust_hi", "robust_n"]
+               "clean", "clean_lo", "clean_hi", "clean_n", "robust", "robust_lo", "robust_hi", "robust_n", "flags"]
 
 
 def leaderboard(jobs: pd.DataFrame) -> pd.DataFrame:
@@ -255,14 +265,17 @@ def leaderboard(jobs: pd.DataFrame) -> pd.DataFrame:
 
     Columns: defense, classifier, dataset; ``clean``, ``clean:lo``, ``clean:hi``,
     ``clean:n``, ``clean:job``; per threat ``robust:<t>`` with ``:lo :hi :n :path :eot
-    :draws :adaptive :jobs :job :note`` (note: why a cell is empty: skipped/failed);
-    ``worst`` with ``:lo :hi :n :threat :path :eot :draws :job``; ``adaptive_evaluated``,
+    :draws :adaptive :jobs :job :flags :note`` (note: why a cell is empty: skipped/failed; flags: the cell's
+    job's flag names, harness.evaluation.flags); ``worst`` with ``:lo :hi :n :threat :path :eot :draws :job
+    :flags``; ``adaptive_evaluated``,
     ``non_adaptive_only``, ``threats_run``, ``n_jobs``.
     """
     if "beside" in jobs:
         jobs = jobs[~jobs["beside"].astype(bool)]  # shifts and transfers are shown beside the board, not in it
     threats = threat_order(jobs["threat"].unique()) if len(jobs) else []
     slim = jobs[[c for c in _SLIM if c in jobs]]
+    if "flags" not in slim:
+        slim = slim.assign(flags="")
     out = slim[KEY].drop_duplicates().set_index(KEY)
     is_done = slim["status"] == "done"
     done = slim[is_done & slim["robust"].notna()]
@@ -296,8 +309,10 @@ def leaderboard(jobs: pd.DataFrame) -> pd.DataFrame:
     out = out[cols]
 
     w = cells.reset_index().sort_values(["robust", "robust_n"], ascending=[True, False], na_position="last").drop_duplicates(KEY)
-    w = w.set_index(KEY)[["robust", "robust_lo", "robust_hi", "robust_n", "threat", "gradient_path", "eot_samples", "eval_draws", "job_id"]]
-    w.columns = ["worst", "worst:lo", "worst:hi", "worst:n", "worst:threat", "worst:path", "worst:eot", "worst:draws", "worst:job"]
+    w = w.set_index(KEY)[["robust", "robust_lo", "robust_hi", "robust_n", "threat", "gradient_path", "eot_samples", "eval_draws",
+                          "job_id", "flags"]]
+    w.columns = ["worst", "worst:lo", "worst:hi", "worst:n", "worst:threat", "worst:path", "worst:eot", "worst:draws",
+                 "worst:job", "worst:flags"]
     out = out.join(w)
 
     g = done.groupby(KEY)
@@ -353,12 +368,22 @@ def _col(lb: pd.DataFrame, name: str) -> list:
     return lb[name].tolist() if name in lb else [None] * len(lb)
 
 
+def flag_mark(flags) -> str:
+    """`` 🚩 not_converged,zero_gradients`` for a cell whose job is flagged ('' when none; ``non_adaptive_only``
+    is what ``†`` already says, and '?' marks a job stored before flags existed, which is not flagged)."""
+    if not isinstance(flags, str):
+        return ""
+    names = [f for f in flags.split(",") if f and f not in ("?", "non_adaptive_only")]
+    return f" 🚩 {','.join(names)}" if names else ""
+
+
 def display_table(lb: pd.DataFrame) -> pd.DataFrame:
     """The leaderboard as the page shows it: one text cell per metric, each with its
     95% interval, n, gradient path and EOT samples (and R evaluation draws when > 1).
 
     ``†`` marks a non-adaptive cell (the attack ignores or approximates the purifier's
-    gradient); ``⚠`` marks a row whose every threat was non-adaptive."""
+    gradient); ``⚠`` marks a row whose every threat was non-adaptive; ``🚩 name,...`` marks a
+    cell whose job carries flags (:func:`flag_mark`; ``non_adaptive_only`` is left to ``†``)."""
     threats = lb_threats(lb)
     out = pd.DataFrame(
         {
@@ -369,14 +394,15 @@ def display_table(lb: pd.DataFrame) -> pd.DataFrame:
         }
     )
     worst = []
-    for acc, lo, hi, n, thr, path, eot, draws, nao in zip(
+    for acc, lo, hi, n, thr, path, eot, draws, nao, fl in zip(
         _col(lb, "worst"), _col(lb, "worst:lo"), _col(lb, "worst:hi"), _col(lb, "worst:n"), _col(lb, "worst:threat"),
         _col(lb, "worst:path"), _col(lb, "worst:eot"), _col(lb, "worst:draws"), _col(lb, "non_adaptive_only"),
+        _col(lb, "worst:flags"),
     ):
         if acc is None or pd.isna(acc):
             worst.append("–")
             continue
-        s = f"{fmt_interval(acc, lo, hi, n)} · {thr} ({fmt_provenance(path, eot, draws)})"
+        s = f"{fmt_interval(acc, lo, hi, n)} · {thr} ({fmt_provenance(path, eot, draws)}){flag_mark(fl)}"
         worst.append(("⚠ " + s) if nao else s)
     out["Worst case (95% CI, n, threat, path)"] = worst
     out["Clean (95% CI, n)"] = [
@@ -385,9 +411,10 @@ def display_table(lb: pd.DataFrame) -> pd.DataFrame:
     for t in threats:
         p = f"robust:{t}"
         cells = []
-        for acc, lo, hi, n, path, eot, draws, ad, k, note in zip(
+        for acc, lo, hi, n, path, eot, draws, ad, k, note, fl in zip(
             _col(lb, p), _col(lb, p + ":lo"), _col(lb, p + ":hi"), _col(lb, p + ":n"), _col(lb, p + ":path"),
             _col(lb, p + ":eot"), _col(lb, p + ":draws"), _col(lb, p + ":adaptive"), _col(lb, p + ":jobs"), _col(lb, p + ":note"),
+            _col(lb, p + ":flags"),
         ):
             if acc is None or pd.isna(acc):
                 cells.append(note if isinstance(note, str) and note else "–")
@@ -397,7 +424,7 @@ def display_table(lb: pd.DataFrame) -> pd.DataFrame:
                 s += " †"
             if k is not None and not pd.isna(k) and int(k) > 1:
                 s += f" (min of {int(k)} jobs)"
-            cells.append(s)
+            cells.append(s + flag_mark(fl))
         out[f"Robust: {t}"] = cells
     out["Evaluated by"] = [
         ("⚠ non-adaptive only: " + tr) if nao else tr for tr, nao in zip(_col(lb, "threats_run"), _col(lb, "non_adaptive_only"))
@@ -628,10 +655,39 @@ def transfer_pivot(tm: pd.DataFrame, metric: str = "robust") -> pd.DataFrame:
     return wide.reset_index().rename(columns={"trained_on": "trained on"})
 
 
+def compare_jobs(engine: Engine, job_a: str, job_b: str) -> dict[str, Any]:
+    """Paired comparison of two finished jobs on the examples they share (same dataset index), under each job's
+    headline rule: ``n_shared`` and, for ``robust`` and ``clean``, :func:`harness.evaluation.stats.paired_comparison`
+    (the 2x2 table, both accuracies, the Newcombe interval of B - A, the exact McNemar p-value). ``n_shared`` 0
+    when they share no example."""
+    from harness.evaluation.stats import paired_comparison
+
+    j, e = Job.__table__, ExampleRow.__table__
+    with engine.connect() as conn:
+        both = [job_a, job_b]
+        specs = {r.id: (r.config or {}).get("threat_spec", {})
+                 for r in conn.execute(select(j.c.id, j.c.config).where(j.c.id.in_(both)))}
+        rows = conn.execute(select(e.c.job_id, e.c.dataset_index, e.c.clean_single, e.c.clean_majority, e.c.clean_worst,
+                                   e.c.robust_single, e.c.robust_majority, e.c.robust_worst).where(e.c.job_id.in_(both))).all()
+    per: dict[str, dict[int, tuple]] = {job_a: {}, job_b: {}}
+    for jid, idx, *vals in rows:
+        rule = specs.get(jid, {}).get("scoring", "worst")
+        k = ("single", "majority", "worst").index(rule)
+        per[jid][int(idx)] = (bool(vals[k]), bool(vals[3 + k]))
+    shared = sorted(set(per[job_a]) & set(per[job_b]))
+    out: dict[str, Any] = {"job_a": job_a, "job_b": job_b, "n_shared": len(shared)}
+    if shared:
+        for kind, k in (("clean", 0), ("robust", 1)):
+            out[kind] = paired_comparison([per[job_a][i][k] for i in shared], [per[job_b][i][k] for i in shared])
+    return out
+
+
 def job_detail(engine: Engine, job_id: str) -> dict[str, Any] | None:
     with engine.connect() as conn:
-        row = conn.execute(select(Job.__table__).where(Job.__table__.c.id == job_id)).mappings().first()
-    return None if row is None else dict(row)
+        j = Job.__table__
+        have = _columns(engine, "jobs")
+        row = conn.execute(select(*(c for c in j.c if c.name in have)).where(j.c.id == job_id)).mappings().first()
+    return None if row is None else {"flags": None, **dict(row)}
 
 
 def job_metrics(engine: Engine, job_id: str) -> pd.DataFrame:

@@ -16,8 +16,8 @@ from harness.core.defense import DEFENSES, Defense, GradientPath, SetupContext
 #: Per-defense config overrides that make setup fast on a CPU (tiny networks, few steps).
 TINY: dict[str, dict] = {}
 
-#: Deliberately broken test plugins, checked by tests/test_engine.py instead.
-BROKEN = {"toy-nan", "toy-range"}
+#: Deliberately broken test plugins, checked by tests/test_engine.py and tests/test_flags.py instead.
+BROKEN = {"toy-nan", "toy-range", "toy-nan-grad", "toy-hidden-noise"}
 
 
 def _names():

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from harness.core.registry import HarnessError
 from threat_models.losses import attack_loss, margin
 
 Model = Callable[[torch.Tensor], torch.Tensor]
@@ -46,8 +47,22 @@ def eot_forward(
         if need_grad and reduce == "logits":
             # the loss of averaged logits does not decompose: one backward over all chunks
             grad = torch.autograd.grad(attack_loss(loss, mean_logits, y).sum(), xin)[0]
+    if need_grad and not torch.isfinite(grad).all():
+        raise non_finite_gradient(model)
     mean_logits = mean_logits.detach()
     return mean_logits, margin(mean_logits, y), grad
+
+
+def non_finite_gradient(model) -> HarnessError:
+    """The one-line error for a NaN/inf attack gradient, naming the defense and the path where the model knows them.
+
+    Never replaced by zero: a zero step looks like robustness.
+    """
+    defense, path = getattr(getattr(model, "defense", None), "name", None), getattr(model, "path", None)
+    if defense is None:
+        return HarnessError("the attacked model has non-finite input gradients (NaN/inf)")
+    where = "the evaluation forward" if path is None else f"the {getattr(path, 'value', path)} gradient path"
+    return HarnessError(f"defense '{defense}' has non-finite input gradients (NaN/inf) on {where}")
 
 
 class AttackedFunction(torch.nn.Module):

@@ -6,6 +6,7 @@
   show       one job in full: configuration, identity, metrics, curve, environment      (show.py)
   grid       run a YAML grid (local worker processes or Ray), skipping stored cells    (grid.py)
   check      compare stored results with an accuracy table; non-zero exit on regressions (check.py)
+  compare    paired comparison of two jobs on their shared examples: 2x2 table, exact McNemar  (compare.py)
   dashboard  the Streamlit leaderboard over a store (read-only)                       (dashboard/cli.py)
   train      train the models the harness ships (``harness train classifier ...``)     (train.py)
 
@@ -21,7 +22,7 @@ from typing import Sequence
 from harness.core.registry import HarnessError
 
 #: Command modules in the order ``harness --help`` lists them; each has ``add_parser(sub)``.
-COMMANDS = ("run", "ls", "results", "show", "grid", "check", "train")
+COMMANDS = ("run", "ls", "results", "show", "grid", "check", "compare", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,10 @@ def cmd_results(args) -> int:
     if not rows:
         print(f"no results in {store.url}; run e.g. `harness run --defense none --threat preprocessor-blind`")
         return 0
+    from harness.evaluation.flags import format_flags
+
     df = pd.DataFrame(rows)
+    df["flags"] = [format_flags(r["flags"]) for r in rows]  # names; `harness show` has the details
     if args.format == "csv":
         df.to_csv(sys.stdout, index=False)
         return 0
@@ -36,6 +39,7 @@ def cmd_results(args) -> int:
     show["eps"] = show["eps"].map(lambda v: "-" if v is None or v != v else f"{v:.4g}")
     if "seconds" in show:
         show["seconds"] = show["seconds"].map(lambda v: "-" if v is None or v != v else f"{v:.1f}")
+    show["flags"] = show["flags"].map(lambda v: v or "-")
     print(show.to_string(index=False))
     return 0
 

@@ -80,6 +80,8 @@ def print_outcome(outcome, url: str) -> None:
     t = outcome.timings
     if t:
         print(f"  time             {t.get('total_s', 0):.1f} s ({t.get('per_example_s', 0):.3f} s/example)")
+    for f in outcome.flags or []:  # harness.evaluation.flags
+        print(f"  flag             {f['flag']}: {f['detail']}")
 
 
 def cmd_run(args) -> int:

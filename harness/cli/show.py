@@ -1,24 +1,18 @@
-"""``harness show``: one job in full (configuration, identity, metrics, curves, environment) as JSON."""
+"""``harness show``: one job in full (flags, configuration, identity, metrics, curves, environment) as JSON."""
 
 from __future__ import annotations
 
 import json
 
-from harness.core.registry import HarnessError
-
 
 def cmd_show(args) -> int:
+    from harness.cli.compare import find_job
     from harness.store import Store
 
     store = Store(args.db, read_only=True)
-    matches = store.find_jobs(args.job_id)
-    if not matches:
-        raise HarnessError(f"no job with id starting '{args.job_id}' in {store.url}")
-    if len(matches) > 1:
-        raise HarnessError(f"job id prefix '{args.job_id}' is ambiguous ({len(matches)} jobs)")
-    j = matches[0]
+    j = find_job(store, args.job_id)
     out = {
-        "job_id": j.id, "status": j.status, "reason": j.reason, "config": j.config, "identity": j.identity,
+        "job_id": j.id, "status": j.status, "reason": j.reason, "flags": j.flags, "config": j.config, "identity": j.identity,
         "metrics": {k: {"value": m.value, "lower": m.lower, "upper": m.upper, "n": m.n} for k, m in store.metrics(j.id).items()},
         "curves": store.curves(j.id), "timings": j.timings, "nfe": j.nfe, "environment": j.environment,
     }

@@ -5,8 +5,9 @@
 - :mod:`~harness.evaluation.forward`: the defended forward pass and per-batch generators.
 - :mod:`~harness.evaluation.batch`: one batch in named steps.
 - :mod:`~harness.evaluation.aggregate`: job metrics from the stored rows.
+- :mod:`~harness.evaluation.flags`: flags on weak numbers (not_converged, zero_gradients, ...).
 - :mod:`~harness.evaluation.lifecycle`: begin / write / finish / fail, shared by run and grid.
-- :mod:`~harness.evaluation.quality`, :mod:`~harness.evaluation.stats`: PSNR/SSIM; intervals.
+- :mod:`~harness.evaluation.quality`, :mod:`~harness.evaluation.stats`: PSNR/SSIM; intervals and tests.
 
 The Python API::
 

@@ -111,13 +111,17 @@ def nfe_totals(job: ResolvedJob, batches: list) -> dict[str, Any]:
     per_call = job.defense.nfe_per_call
     nfe["nfe_per_purification"] = per_call
     nfe["purifier_nfe_images"] = per_call * (
-        nfe.get("attack_purifications", 0) + nfe.get("eval_purifications", 0) + nfe.get("reference_purifications", 0))
+        nfe.get("attack_purifications", 0) + nfe.get("eval_purifications", 0) + nfe.get("reference_purifications", 0)
+        + nfe.get("flag_purifications", 0))
     return nfe
 
 
 def aggregate(job: ResolvedJob, examples: list, batches: list) -> dict:
-    """Metrics, curves and NFE totals from stored rows."""
+    """Metrics, curves, NFE totals and flags (harness.evaluation.flags) from stored rows."""
+    from harness.evaluation.flags import job_flags
+
     metrics = accuracy_metrics(job, examples)
     metrics.update(reference_metrics(job, examples))
     metrics.update(example_means(examples))
-    return {"metrics": metrics, "curves": merged_curves(batches), "nfe": nfe_totals(job, batches)}
+    curves = merged_curves(batches)
+    return {"metrics": metrics, "curves": curves, "nfe": nfe_totals(job, batches), "flags": job_flags(job, batches, curves)}

@@ -5,9 +5,10 @@ adversarial example, quality and detection, and the rows the store keeps.
 Randomness comes from per-batch generators derived from (seed, batch, stream): the
 attacker's purification noise per path (``attack-noise``), its random starts
 (``attack-start``), library seeds per attack label, the evaluation draws
-(``eval-noise``), the quality purifications (``quality``), the detector (``detect``)
-and the shift (``shift``). The attack streams do not depend on the defense, so under
-preprocessor-blind the adversarial examples are shared by every defense.
+(``eval-noise``), the quality purifications (``quality``), the detector (``detect``),
+the shift (``shift``) and the flag checks (``flags``, :func:`flag_checks`). The attack
+streams do not depend on the defense, so under preprocessor-blind the adversarial
+examples are shared by every defense.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -31,6 +33,7 @@ from harness.evaluation.forward import DefendedForward, derive_seed, make_genera
 from harness.evaluation.plan import PlannedAttack
 from harness.evaluation.resolve import ResolvedJob
 from harness.store.codec import canonical, dumps
+from threat_models.eot import eot_forward
 from threat_models.scoring import RULES, predict_draws, score_draws
 
 #: How many clean/adversarial/purified images per job are kept for the dashboard gallery.
@@ -65,6 +68,9 @@ class BatchState:
     scores: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     ran: dict[str, torch.Tensor] = field(default_factory=dict)  # label -> mask of the examples it attacked
     curves: dict[str, list[int]] = field(default_factory=dict)
+    pur_clean: torch.Tensor | None = None  # one purification of the clean inputs (quality)
+    warned: list[str] = field(default_factory=list)  # "label: message" of pyautoattack's warnings
+    purified_by_checks: int = 0
 
     @property
     def device(self) -> torch.device:
@@ -153,7 +159,10 @@ def _run_one(st: BatchState, pa: PlannedAttack, idx: torch.Tensor, cached: dict 
         return AttackResult(x_adv=st.x[idx], margin=torch.empty(0, device=dev))
     rng = AttackRandomness(generator=st.start_gen, seed=derive_seed(st.seed, st.b, pa.label) % (2**31))
     budget = Budget(norm=job.spec.norm, eps=job.spec.eps)
-    res = pa.attack.run(st.models[pa.path], st.x[idx], st.y[idx], budget, rng, st.tick)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = pa.attack.run(st.models[pa.path], st.x[idx], st.y[idx], budget, rng, st.tick)
+    _keep_warnings(st, pa.label, caught)
     if job.classifier.module.training or job.defense.training:
         raise HarnessError(f"attack {pa.label} left the classifier or the defense in training mode (attacks must not change it)")
     res = AttackResult(x_adv=res.x_adv.detach(), margin=res.margin.detach(), curve=list(res.curve))
@@ -162,6 +171,15 @@ def _run_one(st: BatchState, pa: PlannedAttack, idx: torch.Tensor, cached: dict 
     if res.x_adv.shape != st.x[idx].shape or res.margin.shape != (len(idx),):
         raise HarnessError(f"attack {pa.label} returned shapes {tuple(res.x_adv.shape)}, {tuple(res.margin.shape)} for a batch of {len(idx)}")
     return res
+
+
+def _keep_warnings(st: BatchState, label: str, caught: list) -> None:
+    """pyautoattack's own checks ("there are N points with zero gradient!") become flags; other warnings are re-emitted."""
+    for w in caught:
+        if "pyautoattack" in str(w.filename).replace("\\", "/").split("/"):
+            st.warned.append(f"{label}: {w.message}")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _record(st: BatchState, label: str, res: AttackResult, idx: torch.Tensor) -> None:
@@ -228,11 +246,50 @@ def quality_and_detection(st: BatchState, x_adv: torch.Tensor) -> tuple[dict, to
         gq = make_generator(dev, derive_seed(st.seed, st.b, "quality"))
         pur_clean = job.defense.purify_along(st.x, None, generator=gq).float()
         pur_adv = job.defense.purify_along(x_adv, None, generator=gq).float()
+    st.pur_clean = pur_clean
     quality = {
         "psnr_clean": Q.psnr(pur_clean, st.x).cpu(), "ssim_clean": Q.ssim(pur_clean, st.x).cpu(),
         "psnr_adv": Q.psnr(pur_adv, st.x).cpu(), "ssim_adv": Q.ssim(pur_adv, st.x).cpu(),
     }
     return quality, pur_adv, det
+
+
+def gradient_check_path(job: ResolvedJob) -> GradientPath | None:
+    """The path :func:`flag_checks` takes the input gradient on: the main path if a gradient attack runs on it,
+    else the first gradient attack's path (None: no attack of the plan uses gradients)."""
+    grads = [pa.path for pa in job.plan.attacks if pa.attack.needs_gradients]
+    if not grads:
+        return None
+    return job.path if job.path in grads else grads[0]
+
+
+def flag_checks(st: BatchState) -> dict:
+    """The per-batch evidence for the job's flags (``batches.extra["flags"]``; see harness.evaluation.flags).
+
+    Costs one forward and backward pass of the batch's clean inputs on the attack path
+    (its own generator, EOT 1, the margin loss, which never saturates as cross-entropy
+    does) and, for a defense declared deterministic, one more purification of the clean
+    inputs (no autograd), compared with the one the quality step made. Nothing here
+    touches the attacks' generators, so no accuracy changes.
+    """
+    job, dev = st.job, st.device
+    out: dict = {"n": len(st.y)}
+    path = gradient_check_path(job)
+    gen = make_generator(dev, derive_seed(st.seed, st.b, "flags"))
+    if path is not None:
+        model = DefendedForward(job.defense, job.classifier.module, path, gen, max_forward=job.spec.max_forward)
+        _, _, g = eot_forward(model, st.x, st.y, eot=1, reduce="loss", loss="cw", max_batch=job.spec.max_forward, need_grad=True)
+        out["gradient_path"] = path.value
+        out["zero_gradients"] = int((g.flatten(1).abs().sum(1) == 0).sum())
+        st.purified_by_checks += model.purified
+    if not job.defense.stochastic and st.pur_clean is not None:
+        with torch.no_grad():
+            again = job.defense.purify_along(st.x, None, generator=gen).float()
+        st.purified_by_checks += len(st.y)
+        out["randomness"] = float((again - st.pur_clean).abs().max()) if len(st.y) else 0.0
+    if st.warned:
+        out["autoattack"] = list(st.warned)
+    return out
 
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -361,6 +418,7 @@ def run_batch(
     run_attacks(st, cached_adv)
     x_adv, worst_attack = kept_adversarial(st)
     quality, pur_adv, det = quality_and_detection(st, x_adv)
+    flags = flag_checks(st)
     key = adv_cache_key(job, b)
     adv_entry = None
     if key is not None and cached_adv is None:
@@ -370,8 +428,10 @@ def run_batch(
         "eval_purifications": st.eval_model.purified,
         "classifier_images": sum(m.classified for m in st.models.values()) + st.eval_model.classified,
         "adv_reused": int(cached_adv is not None),
+        "flag_purifications": st.purified_by_checks,
     }
     extra = {"shift": st.shift_info} if st.shift_info else {}
+    extra["flags"] = flags
     examples = example_rows(st, x_adv, worst_attack, quality, det)
     if job.spec.paired_reference:
         refs, nfe["reference_purifications"] = paired_reference(st, x_orig)

@@ -4,7 +4,11 @@
 gradient path (``None``: the defense's own forward, what scoring uses). It implements
 the attack contract's ``AttackedModel``: it says whether it is stochastic, holds the
 EOT settings of its path, offers the EOT-averaged logits and gradient, counts the images
-it purified (for NFE totals) and refuses non-finite outputs loudly.
+it purified (for NFE totals) and refuses non-finite outputs loudly. Non-finite input
+gradients are refused too, whichever attack asks for them (the project's PGD, the
+pyautoattack adapters, torchattacks' CW): the input passes through :class:`_FiniteGrad`,
+an identity whose backward raises a one-line HarnessError naming the defense and the
+path, so a NaN gradient never becomes a zero step that looks like robustness.
 
 Randomness: every batch gets its own generators, derived from (seed, batch index,
 stream), so evaluation noise is independent of the noise the attacker saw and a batch
@@ -22,7 +26,22 @@ from torch import nn
 from harness.core.defense import Defense, GradientPath
 from harness.core.registry import HarnessError
 from harness.store.codec import dumps
-from threat_models.eot import eot_forward
+from threat_models.eot import eot_forward, non_finite_gradient
+
+
+class _FiniteGrad(torch.autograd.Function):
+    """Identity whose backward refuses a non-finite gradient (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, model):
+        ctx.model = model
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        if not torch.isfinite(g).all():
+            raise non_finite_gradient(ctx.model)
+        return g, None
 
 
 class DefendedForward(nn.Module):
@@ -52,6 +71,8 @@ class DefendedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.classified += x.shape[0]
+        if x.requires_grad and torch.is_grad_enabled():
+            x = _FiniteGrad.apply(x, self)
         if self.path is GradientPath.CLASSIFIER:
             return self.classifier(x)
         self.purified += x.shape[0]

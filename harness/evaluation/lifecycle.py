@@ -41,6 +41,7 @@ class JobOutcome:
     curves: dict[str, list[float]]
     timings: dict
     stored_path: str | None = None
+    flags: list | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The ``harness run --json`` object."""
@@ -64,6 +65,7 @@ class JobOutcome:
         }
         if "detection_auc" in m:
             out["detection_auc"] = m["detection_auc"]["value"]
+        out["flags"] = self.flags
         return out
 
 
@@ -82,7 +84,8 @@ def outcome(store: Store, job: ResolvedJob, reused: bool) -> JobOutcome:
     """Read a stored job back as a :class:`JobOutcome`."""
     row = store.get_job(job.job_id)
     metrics = {k: {"value": m.value, "lower": m.lower, "upper": m.upper, "n": m.n} for k, m in store.metrics(job.job_id).items()}
-    return JobOutcome(job.job_id, row.status, reused, job.summary(), metrics, store.curves(job.job_id), row.timings or {}, row.gradient_path)
+    return JobOutcome(job.job_id, row.status, reused, job.summary(), metrics, store.curves(job.job_id), row.timings or {},
+                      row.gradient_path, row.flags)
 
 
 class _Row:
@@ -129,7 +132,8 @@ class JobWriter:
         n = len(job.subset.y)
         if self.in_memory:
             examples = [_Row(**e) for bt in self.buffer for e in bt["examples"]]
-            batches = [_Row(n=len(bt["examples"]), curves=bt["curves"], nfe=bt["nfe"], seconds=bt["seconds"]) for bt in self.buffer]
+            batches = [_Row(n=len(bt["examples"]), curves=bt["curves"], nfe=bt["nfe"], seconds=bt["seconds"],
+                            extra=bt.get("extra") or {}) for bt in self.buffer]
         else:
             examples, batches = store.example_rows(job.job_id), store.batch_rows(job.job_id)
         if len(examples) != n or len({e.position for e in examples}) != n:
@@ -142,7 +146,7 @@ class JobWriter:
         }
         payload = dict(
             metrics=agg["metrics"], curves=agg["curves"], timings=timings, nfe=agg["nfe"],
-            environment=environment(job.device), fields=job_fields(job),
+            environment=environment(job.device), fields={**job_fields(job), "flags": agg["flags"]},
         )
         if self.in_memory:
             store.replace_job(job.job_id, self.buffer, **payload)

@@ -101,3 +101,47 @@ def roc_auc(negatives: list[float], positives: list[float]) -> float:
         i = j + 1
     r_pos = ranks[len(neg):].sum()
     return float((r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value from the discordant pairs of a paired 2x2 table.
+
+    ``b`` units succeed under the first condition only, ``c`` under the second only.
+    Under the null hypothesis of equal accuracies each discordant unit is a fair coin, so
+    the p-value is the two-sided binomial test of min(b, c) in b + c trials at 1/2:
+    min(1, 2 P(X <= min(b, c))), X ~ Bin(b + c, 1/2) (1 when there are no discordant
+    pairs). Computed in exact integer arithmetic (what ``scipy.stats.binomtest`` returns).
+    """
+    if b < 0 or c < 0:
+        raise ValueError(f"discordant counts must be >= 0, got {b}, {c}")
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+def paired_table(first: list[bool], second: list[bool]) -> dict[str, int]:
+    """The paired 2x2 table of two outcome lists on the same units: ``both``, ``first_only``, ``second_only``, ``neither``."""
+    if len(first) != len(second):
+        raise ValueError(f"paired outcomes need the same examples: {len(first)} vs {len(second)}")
+    both = sum(1 for x, y in zip(first, second) if x and y)
+    first_only = sum(1 for x, y in zip(first, second) if x and not y)
+    second_only = sum(1 for x, y in zip(first, second) if y and not x)
+    return {"both": both, "first_only": first_only, "second_only": second_only,
+            "neither": len(first) - both - first_only - second_only}
+
+
+def paired_comparison(first: list[bool], second: list[bool]) -> dict:
+    """Both accuracies on the same units, their 2x2 table, the difference second - first with its 95%
+    Newcombe interval, and the exact McNemar p-value (:func:`mcnemar_exact`)."""
+    t = paired_table(first, second)
+    n = len(first)
+    diff, lo, hi = newcombe_paired_interval(t["both"], t["second_only"], t["first_only"], t["neither"]) if n else (0.0, -1.0, 1.0)
+    return {
+        "n": n, "table": t,
+        "accuracy_first": (t["both"] + t["first_only"]) / n if n else None,
+        "accuracy_second": (t["both"] + t["second_only"]) / n if n else None,
+        "difference": diff, "difference_ci95": [lo, hi],
+        "p_value": mcnemar_exact(t["first_only"], t["second_only"]),
+    }

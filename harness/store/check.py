@@ -55,6 +55,8 @@ class CheckRow:
     job_id: str | None = None
     ok: bool = False
     note: str = ""
+    flags: list | None = None  # the matched job's flags (harness.evaluation.flags)
+    cell: str = ""  # defense x threat x dataset x classifier x seed of the matched job
 
 
 def _float(value: str, what: str, line: int, path: str) -> float | None:
@@ -120,6 +122,8 @@ def check(table: str | Path | list[CheckRow], store: Store) -> list[CheckRow]:
             row.note = f"{len(found)} jobs match; latest used"
         m = store.metrics(job.id).get(row.metric)
         row.job_id = job.id[:12]
+        row.flags = job.flags
+        row.cell = f"{job.defense} x {job.threat} x {job.dataset} x {job.classifier} x seed {job.seed}"
         if m is None:
             row.note = f"job has no metric '{row.metric}'"
             continue
@@ -132,6 +136,16 @@ def check(table: str | Path | list[CheckRow], store: Store) -> list[CheckRow]:
             row.ok = abs(m.value - row.expected) <= 1e-9
             row.note = row.note or "no interval stored: exact match required"
     return rows
+
+
+def flagged_cells(rows: list[CheckRow]) -> list[str]:
+    """One line per matched job that carries flags (``harness check --fail-on-flags``), each job once."""
+    out: dict[str, str] = {}
+    for r in rows:
+        if r.job_id and r.flags and r.job_id not in out:
+            details = "; ".join(f"{f['flag']}: {f['detail']}" if isinstance(f, dict) else str(f) for f in r.flags)
+            out[r.job_id] = f"{r.job_id}  {r.cell}  {details}"
+    return list(out.values())
 
 
 def format_rows(rows: list[CheckRow]) -> str:

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection
 from harness.store.schema import Base
 
 #: (table, column) pairs added after the first stores were written.
-ADDED_COLUMNS: tuple[tuple[str, str], ...] = (("examples", "reference"),)
+ADDED_COLUMNS: tuple[tuple[str, str], ...] = (("examples", "reference"), ("jobs", "flags"))
 
 
 def add_missing_columns(conn: Connection) -> list[str]:

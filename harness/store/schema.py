@@ -51,6 +51,9 @@ class Job(Base):
     timings: Mapped[dict] = mapped_column(JSON, default=dict)
     nfe: Mapped[dict] = mapped_column(JSON, default=dict)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)  # failure / skip reason
+    # flags on weak numbers (harness.evaluation.flags): a JSON list of {"flag": NAME, "detail": TEXT},
+    # [] when nothing is flagged, NULL for a job finished before flags existed (harness.store.migrate adds the column)
+    flags: Mapped[list | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 

@@ -20,11 +20,12 @@ import numpy as np
 from sqlalchemy import create_engine, delete, event, inspect, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError, ProgrammingError, SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, defer, sessionmaker
+from sqlalchemy.orm.attributes import set_committed_value
 
 from harness.core.registry import HarnessError
 from harness.store.codec import decode_images, encode_images, pack_adv, unpack_adv
-from harness.store.migrate import add_missing_columns
+from harness.store.migrate import ADDED_COLUMNS, add_missing_columns
 from harness.store.schema import (
     SCHEMA_VERSION,
     AdvCacheRow,
@@ -142,6 +143,7 @@ class Store:
         # write transactions: BEGIN IMMEDIATE on SQLite (see _begin)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._write_sessions = sessionmaker(self.engine.execution_options(harness_write=True), expire_on_commit=False)
+        self._missing: dict[type, list[str]] = {}  # columns a read-only older store lacks (read as None)
         if read_only:
             self._check_schema()
         else:
@@ -249,6 +251,23 @@ class Store:
                 value = conn.execute(select(MetaRow.value).where(MetaRow.key == "schema_version")).scalar()
                 if value is not None:
                     self._check_version(value)
+            models = {m.__tablename__: m for m in (Job, ExampleRow)}
+            for table, column in ADDED_COLUMNS:
+                if table in models and tables.has_table(table) and column not in {c["name"] for c in tables.get_columns(table)}:
+                    self._missing.setdefault(models[table], []).append(column)
+
+    def _select(self, model):
+        """``select(model)`` that skips the columns an older read-only store lacks (see :meth:`_filled`)."""
+        q = select(model)
+        missing = self._missing.get(model)
+        return q.options(*(defer(getattr(model, c)) for c in missing)) if missing else q
+
+    def _filled(self, rows):
+        """Rows of :meth:`_select` with the columns their store lacks set to None (as after a migration)."""
+        for r in rows:
+            for c in self._missing.get(type(r), ()):
+                set_committed_value(r, c, None)
+        return rows
 
     # ------------------------------------------------------------------ plumbing
     @staticmethod
@@ -294,6 +313,8 @@ class Store:
     @_reads
     def get_job(self, job_id: str) -> Job | None:
         with self.session() as s:
+            if self._missing:
+                return next(iter(self._filled(list(s.scalars(self._select(Job).where(Job.id == job_id))))), None)
             return s.get(Job, job_id)
 
     def begin_job(self, job_id: str, **fields: Any) -> Job:
@@ -401,7 +422,8 @@ class Store:
     @_reads
     def example_rows(self, job_id: str) -> list[ExampleRow]:
         with self.session() as s:
-            return list(s.scalars(select(ExampleRow).where(ExampleRow.job_id == job_id).order_by(ExampleRow.position)))
+            q = self._select(ExampleRow).where(ExampleRow.job_id == job_id).order_by(ExampleRow.position)
+            return self._filled(list(s.scalars(q)))
 
     def finish_job(self, job_id: str, **finish: Any) -> None:
         """Store aggregate metrics and curves, and mark the job done (one transaction)."""
@@ -460,25 +482,25 @@ class Store:
     def find_jobs(self, prefix: str) -> list[Job]:
         """The jobs whose id starts with ``prefix``."""
         with self.session() as s:
-            return list(s.scalars(select(Job).where(Job.id.startswith(prefix, autoescape=True))))
+            return self._filled(list(s.scalars(self._select(Job).where(Job.id.startswith(prefix, autoescape=True)))))
 
     @_reads
     def jobs(self, status: str | None = None) -> list[Job]:
         with self.session() as s:
-            q = select(Job).order_by(Job.created_at)
+            q = self._select(Job).order_by(Job.created_at)
             if status:
                 q = q.where(Job.status == status)
-            return list(s.scalars(q))
+            return self._filled(list(s.scalars(q)))
 
     @_reads
     def results_table(self, status: str | None = "done") -> list[dict[str, Any]]:
         """One flat dict per job with its headline metrics (for ``harness results``)."""
         out = []
         with self.session() as s:
-            q = select(Job).order_by(Job.created_at)
+            q = self._select(Job).order_by(Job.created_at)
             if status:
                 q = q.where(Job.status == status)
-            jobs = list(s.scalars(q))
+            jobs = self._filled(list(s.scalars(q)))
             metrics: dict[str, dict[str, MetricRow]] = {}
             for m in s.scalars(select(MetricRow)):
                 metrics.setdefault(m.job_id, {})[m.name] = m
@@ -511,6 +533,7 @@ class Store:
                 "robust_majority": val("robust_accuracy_majority"),
                 "robust_worst": val("robust_accuracy_worst"),
                 "seconds": (j.timings or {}).get("total_s"),
+                "flags": j.flags,  # list of {"flag", "detail"} (harness.evaluation.flags); None: stored before flags
             }
             for extra in ("psnr_clean", "ssim_clean", "psnr_adv", "ssim_adv", "detection_auc"):
                 if extra in ms:

@@ -10,6 +10,8 @@
 - ``toy-numpy``: a non-differentiable purifier (a round trip through numpy, as JPEG or
   a test-time optimisation would be) that declares only the ``bpda`` path.
 - ``toy-nan``, ``toy-range``: broken purifiers (NaN outputs; outputs outside [0, 1]).
+- ``toy-nan-grad``: the identity with a NaN gradient (the engine must stop, not step by zero).
+- ``toy-hidden-noise``: declared deterministic, but noisy (torch's global generator): flagged ``randomness_detected``.
 """
 
 from __future__ import annotations
@@ -133,3 +135,35 @@ class ToyRange(Defense):
 
     def purify(self, x, *, generator=None):
         return 2 * x - 0.5
+
+
+class _NaNGrad(torch.autograd.Function):
+    """Identity forward, NaN backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.full_like(g, float("nan"))
+
+
+@register_defense("toy-nan-grad")
+class ToyNaNGrad(Defense):
+    """The identity on the forward pass with a NaN gradient: the engine must refuse it, never step by zero."""
+
+    gradient_paths = frozenset({GradientPath.FULL})
+
+    def purify(self, x, *, generator=None):
+        return _NaNGrad.apply(x)
+
+
+@register_defense("toy-hidden-noise")
+class ToyHiddenNoise(Defense):
+    """Declared deterministic but adds noise from torch's global generator: flagged ``randomness_detected``."""
+
+    gradient_paths = frozenset({GradientPath.FULL})
+
+    def purify(self, x, *, generator=None):
+        return (x + 0.05 * torch.randn_like(x)).clamp(0, 1)

@@ -67,8 +67,6 @@ def pgd(
             best_x[better] = xa[better]
             curve[it] = int((best_m <= 0).sum())
             if need_grad:
-                if not torch.isfinite(g).all():
-                    g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
                 step = geo.ascent_step(g, broadcast_eps(step_size, xa))
                 xa = geo.project(xa + step, x, eps).detach()
             if progress is not None:
