@@ -22,6 +22,7 @@ class NoDefense(Defense):
 
     version = "1"
     stochastic = False
+    identity_purifier = True
     gradient_paths = frozenset({GradientPath.BPDA, GradientPath.FULL})
     nfe_per_call = 0
 

@@ -162,6 +162,9 @@ class Defense(nn.Module):
     requires: ClassVar[frozenset[str]] = frozenset()
     provides: ClassVar[frozenset[str]] = frozenset()
     has_detection_score: ClassVar[bool] = False
+    #: True for a defense whose purifier is the identity (the undefended baseline): the
+    #: classifier is then the whole model, so an attack on it alone is fully adaptive.
+    identity_purifier: ClassVar[bool] = False
     #: cost level (:class:`CostLevel` value) -> evaluation-subset size used when the user
     #: gives none: costly cells are subsampled (spec section 6: 64-128 images for
     #: diffusion purifiers under adaptive attacks). The run prints it and the subset

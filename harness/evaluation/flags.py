@@ -13,6 +13,8 @@ flagged; NULL: a job finished before flags existed). The names:
   of the same clean inputs differ (no EOT, one evaluation draw: its number is too kind).
 - ``non_adaptive_only``: no attack differentiated through the defense (every attack ran
   on the classifier alone or through BPDA): the number is not an adaptive evaluation.
+  Never raised for a defense whose purifier is the identity (``identity_purifier``: the
+  undefended baseline, where the classifier is the whole model).
 - ``autoattack``: one of pyautoattack's own checks, e.g. ``apgd-dlr: there are 3 points
   with zero gradient! ...``, caught as a Python warning while the attack ran.
 
@@ -76,7 +78,7 @@ def job_flags(job: ResolvedJob, batches: list, curves: dict[str, list[tuple[floa
         flags.append({"flag": "randomness_detected", "detail": (
             f"defense '{job.defense.name}' is declared deterministic, but two purifications of the same clean inputs "
             f"differ (max abs difference {max(diffs):.3g})")})
-    if not adaptive_attacks(job):
+    if not adaptive_attacks(job) and not type(job.defense).identity_purifier:
         paths = sorted({pa.path.value for pa in job.plan.attacks})
         flags.append({"flag": "non_adaptive_only", "detail": (
             f"no attack differentiated through the defense (attack paths: {', '.join(paths) or 'none'})")})
