@@ -14,6 +14,7 @@ it yields ``(batch index, payload)`` for whoever owns the store.
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -191,8 +192,20 @@ def iter_batches(
         bar.close()
 
 
+def freeze_gc() -> None:
+    """Move every object alive now to the garbage collector's permanent generation (``gc.freeze``).
+
+    After the imports and the resolution the process holds a few hundred thousand
+    long-lived objects (torch, SQLAlchemy, the models); the first full collection during
+    a run scans them all (about 0.25 s on a loaded 2-core CPU, a tenth of a digits job).
+    Frozen, they are never scanned; what the run allocates is collected as before.
+    """
+    gc.freeze()
+
+
 def run_job(job: ResolvedJob, store: Store, *, force: bool = False, progress: bool = True) -> JobOutcome:
     """Evaluate ``job`` in this process (resuming a partial run) and store it."""
+    freeze_gc()
     writer = JobWriter(store, job, force=force)
     if writer.reusable:
         return outcome(store, job, reused=True)
