@@ -443,10 +443,11 @@ class Store:
         s.execute(delete(CurveRow).where(CurveRow.job_id == job_id))
         s.flush()
         _bulk_insert(s, MetricRow, [
-            dict(job_id=job_id, name=name, value=float(value), lower=lo, upper=hi, n=n) for name, (value, lo, hi, n) in metrics.items()
+            {"job_id": job_id, "name": name, "value": float(value), "lower": lo, "upper": hi, "n": n}
+            for name, (value, lo, hi, n) in metrics.items()
         ])
         _bulk_insert(s, CurveRow, [
-            dict(job_id=job_id, attack=attack, iteration=it, accuracy=float(acc), n=int(n))
+            {"job_id": job_id, "attack": attack, "iteration": it, "accuracy": float(acc), "n": int(n)}
             for attack, points in curves.items() for it, (acc, n) in enumerate(points)
         ])
         for k, v in (fields or {}).items():
