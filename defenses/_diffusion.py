@@ -519,17 +519,109 @@ def integrate_em(
 ) -> torch.Tensor:
     """Autograd through Euler-Maruyama with fixed noise (the ``full`` gradient path).
 
-    With ``checkpoint`` (and a graph being built) each step is a
-    ``torch.utils.checkpoint`` segment: only the N states are kept and each step's UNet
+    With ``checkpoint`` (and a graph being built) the steps are checkpointed in segments
+    chosen by the number of steps (:func:`checkpointed_steps`): each step's UNet
     activations are recomputed in the backward pass, so activation memory does not grow
-    with N (one extra forward per step).
+    with N, and for long solves only every segment's first state is kept.
+    """
+    return checkpointed_steps(sde.step, x, noise, checkpoint=checkpoint)
+
+
+#: Solves of at least this many steps are checkpointed in two levels (see :func:`checkpoint_segment_length`).
+TWO_LEVEL_FROM = 32
+
+
+def checkpoint_segment_length(n_steps: int) -> int:
+    """Steps per outer checkpoint segment: 1 (a checkpoint per step) below :data:`TWO_LEVEL_FROM` steps,
+    else ``ceil(sqrt(N))``.
+
+    A checkpoint per step keeps the N states (and recomputes each step once); two levels
+    keep ~sqrt(N) segment inputs plus, while one segment is differentiated, its ~sqrt(N)
+    step inputs, at the price of a second recomputation of every step. Short solves
+    hold few states, so they take the cheaper single level.
+    """
+    return 1 if n_steps < TWO_LEVEL_FROM else math.isqrt(n_steps - 1) + 1
+
+
+def _precision_flags() -> tuple[bool, bool]:
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+@contextlib.contextmanager
+def _precision(flags: tuple[bool, bool]) -> Iterator[None]:
+    """TF32 flags as they were in the forward pass (COUP's strict float32), while a segment is recomputed."""
+    old = _precision_flags()
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _step_checkpoints(step, x: torch.Tensor, noise: list[torch.Tensor], lo: int, hi: int) -> torch.Tensor:
+    """Steps lo..hi-1, each a non-reentrant ``torch.utils.checkpoint`` (its input kept, its activations recomputed)."""
+    for k in range(lo, hi):
+        x = torch.utils.checkpoint.checkpoint(step, x, noise[k], k, use_reentrant=False)
+    return x
+
+
+class _Segment(torch.autograd.Function):
+    """Steps lo..hi-1 as one autograd node that keeps only its input.
+
+    Forward: the steps without a graph. Backward: the steps again from the kept input,
+    each checkpointed (:func:`_step_checkpoints`), and their vector-Jacobian product, so
+    one segment's step inputs and one step's activations are alive at a time. (A
+    non-reentrant checkpoint around per-step checkpoints would not do: the inner
+    checkpoints of the forward pass keep their inputs referenced by the graph.)
+    """
+
+    @staticmethod
+    def forward(ctx, x, step, noise, lo, hi):
+        ctx.step, ctx.noise, ctx.lo, ctx.hi, ctx.flags = step, noise, lo, hi, _precision_flags()
+        ctx.save_for_backward(x)
+        for k in range(lo, hi):
+            x = step(x, noise[k], k)
+        return x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        (x0,) = ctx.saved_tensors
+        with torch.enable_grad(), _precision(ctx.flags):
+            xi = x0.detach().requires_grad_(True)
+            out = _step_checkpoints(ctx.step, xi, ctx.noise, ctx.lo, ctx.hi)
+            (grad,) = torch.autograd.grad(out, xi, grad_out)
+        return grad, None, None, None, None
+
+
+def checkpointed_steps(
+    step: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
+    x: torch.Tensor,
+    noise: list[torch.Tensor],
+    *,
+    checkpoint: bool,
+    segment: int | None = None,
+) -> torch.Tensor:
+    """``x <- step(x, z_k, k)`` for every noise tensor, checkpointed when a graph is built and ``checkpoint``.
+
+    ``segment`` (default :func:`checkpoint_segment_length`) steps per outer segment: 1 is
+    a non-reentrant ``torch.utils.checkpoint`` per step (the N states are kept); more
+    makes each segment one :class:`_Segment` node that keeps its input alone, and whose
+    backward pass recomputes its steps with a checkpoint each. The recomputations repeat
+    the same operations on the same tensors, so forward values and the gradient with
+    respect to ``x`` are those of the plain loop (gradients of parameters inside
+    ``step`` are not formed on the segmented path; the purifiers freeze theirs).
     """
     use_ckpt = checkpoint and torch.is_grad_enabled() and x.requires_grad
-    for k, z in enumerate(noise):
-        if use_ckpt:
-            x = torch.utils.checkpoint.checkpoint(sde.step, x, z, k, use_reentrant=False)
-        else:
-            x = sde.step(x, z, k)
+    if not use_ckpt:
+        for k, z in enumerate(noise):
+            x = step(x, z, k)
+        return x
+    seg = checkpoint_segment_length(len(noise)) if segment is None else max(1, int(segment))
+    if seg == 1:
+        return _step_checkpoints(step, x, noise, 0, len(noise))
+    for lo in range(0, len(noise), seg):
+        x = _Segment.apply(x, step, noise, lo, min(lo + seg, len(noise)))
     return x
 
 
@@ -589,11 +681,8 @@ class DDPMSampler(nn.Module):
 
 
 def integrate_steps(stepper: nn.Module, x: torch.Tensor, noise: list[torch.Tensor], *, checkpoint: bool) -> torch.Tensor:
-    """Apply ``stepper.step(x, z, k)`` for each noise tensor, checkpointing each step when a graph is built."""
-    use_ckpt = checkpoint and torch.is_grad_enabled() and x.requires_grad
-    for k, z in enumerate(noise):
-        x = torch.utils.checkpoint.checkpoint(stepper.step, x, z, k, use_reentrant=False) if use_ckpt else stepper.step(x, z, k)
-    return x
+    """Apply ``stepper.step(x, z, k)`` for each noise tensor, checkpointed (:func:`checkpointed_steps`) when a graph is built."""
+    return checkpointed_steps(stepper.step, x, noise, checkpoint=checkpoint)
 
 
 @contextlib.contextmanager

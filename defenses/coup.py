@@ -71,7 +71,7 @@ class COUPConfig(DefenseConfig):
         default=False, metadata={"help": "drop the guidance Jacobian from gradients (official adjoint behaviour); false = exact"}
     )
     checkpoint: bool | None = field(
-        default=None, metadata={"help": "gradient checkpointing per solver step on the 'full' path (memory flat in the steps)" + _DATASET_HELP}
+        default=None, metadata={"help": "checkpointing on the 'full' path (per step; sqrt(N) segments from 32 steps): memory flat in the steps" + _DATASET_HELP}
     )
     model_path: str | None = field(default=None, metadata={"help": MODEL_PATH_HELP})
     backbone: Backbone = field(default="unet2d", metadata={"help": BACKBONE_HELP})
@@ -107,7 +107,7 @@ class COUP(DiffusionDefense):
     evaluations (``nfe_per_call``) plus N classifier forward+backward passes):
 
     - ``full``: autograd through the N Euler-Maruyama steps with the noise fixed,
-      checkpointed per step; includes the guidance Jacobian (Hessian-vector products
+      checkpointed per step (in ceil(sqrt(N)) segments from 32 steps); includes the guidance Jacobian (Hessian-vector products
       of the classifier, ``create_graph``) unless ``detach_guidance``.
     - ``adjoint``: ``torchsde.sdeint_adjoint`` on the same Brownian increments; the
       drift's VJP includes the guidance Jacobian unless ``detach_guidance`` (official).

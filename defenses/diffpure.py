@@ -71,7 +71,7 @@ class DiffPureConfig(DefenseConfig):
     surrogate_steps: int | None = field(default=None, metadata={"help": "solver steps of the 'surrogate' gradient path" + _DATASET_HELP})
     t_end: float = field(default=T_END, metadata={"help": "where the reverse SDE stops"})
     checkpoint: bool | None = field(
-        default=None, metadata={"help": "gradient checkpointing per solver step on the 'full' path (memory flat in the steps)" + _DATASET_HELP}
+        default=None, metadata={"help": "checkpointing on the 'full' path (per step; sqrt(N) segments from 32 steps): memory flat in the steps" + _DATASET_HELP}
     )
     model_path: str | None = field(default=None, metadata={"help": MODEL_PATH_HELP})
     backbone: Backbone = field(default="unet2d", metadata={"help": BACKBONE_HELP})
@@ -106,7 +106,9 @@ class DiffPure(DiffusionDefense):
 
     - ``full``: autograd through the N Euler-Maruyama steps with the noise fixed;
       with ``checkpoint`` each step is recomputed in the backward pass (about 4N UNet
-      forward-equivalents, activation memory of one step).
+      forward-equivalents, activation memory of one step); from
+      ``_diffusion.TWO_LEVEL_FROM`` (32) steps in ceil(sqrt(N)) segments that keep only
+      their first state, so the kept states do not grow with N either (about 5N).
     - ``adjoint``: ``torchsde.sdeint_adjoint`` (Euler forward, Milstein adjoint) on the
       same Brownian increments; flat memory, about 3-4N forward-equivalents.
     - ``surrogate``: ``full`` through a twin with ``surrogate_steps`` steps over the same
@@ -168,7 +170,7 @@ class DiffPureDDPMConfig(DefenseConfig):
     surrogate_steps: int | None = field(default=None, metadata={"help": "denoising steps of the 'surrogate' gradient path" + _DATASET_HELP})
     eta: float = field(default=1.0, metadata={"help": "1 = DDPM (ancestral), 0 = DDIM (deterministic after the forward noise)"})
     checkpoint: bool | None = field(
-        default=None, metadata={"help": "gradient checkpointing per denoising step on the 'full' path (memory flat in the steps)" + _DATASET_HELP}
+        default=None, metadata={"help": "checkpointing on the 'full' path (per step; sqrt(N) segments from 32 steps): memory flat in the steps" + _DATASET_HELP}
     )
     model_path: str | None = field(default=None, metadata={"help": MODEL_PATH_HELP})
     backbone: Backbone = field(default="unet2d", metadata={"help": BACKBONE_HELP})
@@ -203,7 +205,8 @@ class DiffPureDDPM(DiffusionDefense):
     Gradient paths (NFE = ``denoising_steps`` per call):
 
     - ``full``: autograd through every denoising step with the noise fixed,
-      checkpointed per step (about 4 x denoising_steps UNet forward-equivalents).
+      checkpointed per step (about 4 x denoising_steps UNet forward-equivalents; in
+      ceil(sqrt(N)) segments from 32 steps, as ``diffpure``).
     - ``surrogate``: the same through ``surrogate_steps`` denoising steps from the same
       max_timestep (Lee & Kim's attack surrogate, FlowPure's ``ATT_DENOISING_STEPS``).
     - ``bpda``: identity backward.

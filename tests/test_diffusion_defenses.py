@@ -208,6 +208,70 @@ def test_checkpointing_does_not_change_the_gradient():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
 
 
+def test_checkpoint_segment_length_is_chosen_by_solver_length():
+    assert [D.checkpoint_segment_length(n) for n in (1, 10, D.TWO_LEVEL_FROM - 1)] == [1, 1, 1]
+    assert [D.checkpoint_segment_length(n) for n in (32, 36, 37, 100, 1000)] == [6, 6, 7, 10, 32]  # ceil(sqrt(N))
+
+
+def test_checkpointed_steps_equal_the_plain_loop_for_every_segment_length():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 1, 3, padding=1)).double()
+    for p in net.parameters():
+        p.requires_grad_(False)
+
+    def step(x, z, k):
+        return x + 0.05 * (k + 1) * net(x) + 0.01 * z
+
+    x0 = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    noise = [torch.randn_like(x0) for _ in range(11)]
+    results = []
+    for ck, seg in ((False, None), (True, 1), (True, 2), (True, 4), (True, 11), (True, 50)):
+        x = x0.clone().requires_grad_(True)
+        out = D.checkpointed_steps(step, x, noise, checkpoint=ck, segment=seg)
+        (g,) = torch.autograd.grad(out.square().sum(), x)
+        results.append((out.detach(), g))
+    for out, g in results[1:]:
+        assert torch.equal(out, results[0][0])
+        torch.testing.assert_close(g, results[0][1], rtol=1e-6, atol=1e-12)
+
+
+#: Settings with at least TWO_LEVEL_FROM solver steps, so checkpointing is segmented.
+LONG = {
+    "diffpure": {"t_star": 0.05, "dt": 0.05 / 36},
+    "diffpure-ddpm": {"max_timestep": 72, "denoising_steps": 36},
+    "coup": {"t_star": 0.05, "dt": 0.05 / 36},
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_segmented_checkpointing_gives_the_gradient_without_checkpointing(name):
+    grads, outs = [], []
+    for ck in (True, False):
+        d = make(name, torch.float64, checkpoint=ck, **LONG[name])
+        assert d.nfe_per_call == 36 and D.checkpoint_segment_length(36) == 6
+        torch.manual_seed(3)
+        x = (torch.rand(2, 1, 8, 8, dtype=torch.float64) * 0.6 + 0.2).requires_grad_(True)
+        out = d.purify(x, generator=gen(4))
+        (g,) = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum(), x)
+        grads.append(g)
+        outs.append(out.detach())
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-12)
+
+
+def test_segmented_full_gradient_matches_finite_differences(monkeypatch):
+    monkeypatch.setattr(D, "TWO_LEVEL_FROM", 2)  # 5 steps in segments of 3 and 2
+    d = make("coup", torch.float64, checkpoint=True)
+    torch.manual_seed(5)
+    x = (torch.rand(2, 1, 8, 8, dtype=torch.float64) * 0.6 + 0.2)
+    v, w = torch.randn_like(x), torch.randn_like(x)
+    with torch.no_grad():
+        out = d.purify(x, generator=gen(11))
+    w = w * ((out > 0.01) & (out < 0.99))
+    ad, fd, _ = _directional(d, x, v, w, GradientPath.FULL, seed=11)
+    assert ad == pytest.approx(fd, rel=1e-5, abs=1e-7)
+
+
 def test_coup_exact_gradient_includes_the_guidance_jacobian():
     torch.manual_seed(5)
     x = torch.rand(2, 1, 8, 8, dtype=torch.float64) * 0.6 + 0.2

@@ -25,8 +25,12 @@ from harness.core.registry import HarnessError
 COMMANDS = ("run", "ls", "results", "show", "grid", "check", "compare", "train")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of every subcommand."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argparse parser of every subcommand (``only``: of that one command alone).
+
+    Building one command's parser imports only that command's module: ``harness train``
+    registers its trainers, which import the models, so ``harness run`` skips that.
+    """
     import importlib
 
     from dashboard.cli import add_dashboard_parser
@@ -34,15 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="harness", description="Benchmark harness for adversarial purification defenses.")
     sub = p.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        importlib.import_module(f"harness.cli.{name}").add_parser(sub)
-    add_dashboard_parser(sub)
+        if only is None or only == name:
+            importlib.import_module(f"harness.cli.{name}").add_parser(sub)
+    if only is None or only == "dashboard":
+        add_dashboard_parser(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``harness`` console script."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    first = args_list[0] if args_list else None
+    parser = build_parser(first if first in (*COMMANDS, "dashboard") else None)
+    args = parser.parse_args(args_list)
     try:
         return int(args.func(args) or 0)
     except HarnessError as exc:

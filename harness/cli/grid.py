@@ -19,14 +19,65 @@ def cmd_grid(args) -> int:
         spec, reader if args.dry_run else Store(args.db), executor=args.executor, devices=devices, address=args.address,
         ray_cpus=args.ray_cpus, threads=args.threads, force=args.force, dry_run=args.dry_run, cells=cells,
     )
+    if args.calibrate and not args.dry_run:
+        from harness.core.registry import HarnessError
+
+        raise HarnessError("--calibrate goes with --dry-run")
     if args.dry_run:
-        for c in summary.cells:
-            state = {"pending": "run", "done": "done", "skipped": "skip", "duplicate": "dup"}.get(c.state, c.state)
-            extra = f"  ({c.reason})" if c.reason else ""
-            print(f"  {state:<5} {c.job_id[:12]}  {c.label()}{extra}")
+        print_dry_run(summary.cells, devices[0] if args.calibrate else None)
     counts = summary.counts()
     print("summary: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return 1 if counts.get("failed") else 0
+
+
+def _calibration_key(job) -> str:
+    from harness.store import dumps
+
+    paths = sorted({pa.path.value for pa in job.plan.attacks})
+    return dumps([job.identity["defense"], job.identity["classifier"], job.cfg.dataset, paths, job.spec.batch_size,
+                  job.spec.max_forward, len(job.subset.y)])
+
+
+def print_dry_run(cells, calibrate_on: str | None) -> None:
+    """Every cell's state and, for the cells that would run, their network evaluations; the totals.
+
+    ``calibrate_on``: a device on which a few network calls per distinct (defense,
+    classifier, dataset, paths) are timed, to estimate each cell's network time and the
+    grid's device-hours.
+    """
+    from harness.cli.run import fmt_cost
+    from harness.evaluation.cost import calibrate, estimate_nfe, estimate_seconds
+
+    totals = {"cells": 0, "purifier_nfe_images": 0, "classifier_images": 0, "seconds": 0.0}
+    bounded = False
+    cache: dict[str, object] = {}
+    for c in cells:
+        state = {"pending": "run", "done": "done", "skipped": "skip", "duplicate": "dup"}.get(c.state, c.state)
+        extra = f"  ({c.reason})" if c.reason else ""
+        print(f"  {state:<5} {c.job_id[:12]}  {c.label()}{extra}")
+        if c.state != "pending" or c.job is None:
+            continue
+        cost = estimate_nfe(c.job)
+        totals["cells"] += 1
+        totals["purifier_nfe_images"] += cost["purifier_nfe_images"]
+        totals["classifier_images"] += cost["classifier_images"]
+        bounded |= not cost["exact"]
+        line = f"        nfe: {fmt_cost(cost)}"
+        if calibrate_on is not None:
+            key = _calibration_key(c.job)
+            if key not in cache:
+                cache[key] = calibrate(c.job, calibrate_on)
+            secs = estimate_seconds(cost, cache[key])
+            totals["seconds"] += secs
+            line += f"; ~{secs:.1f} s on {calibrate_on}"
+        print(line)
+    bound = "at most " if bounded else ""
+    total = (f"total to run: {totals['cells']} cells, {bound}{totals['purifier_nfe_images']} purifier NFE-images, "
+             f"{bound}{totals['classifier_images']} classifier images")
+    if calibrate_on is not None:
+        total += (f"; estimated network time {totals['seconds'] / 3600:.3f} device-hours on {calibrate_on} "
+                  f"({len(cache)} calibration(s))")
+    print(total)
 
 
 def add_parser(sub) -> None:
@@ -40,6 +91,9 @@ def add_parser(sub) -> None:
     g.add_argument("--ray-cpus", type=int, default=None, help="CPUs of a locally started Ray instance")
     g.add_argument("--threads", type=int, default=None,
                    help="torch threads per worker (default: CPU cores / workers locally, 1 per Ray task; 1 is faster on a loaded machine)")
-    g.add_argument("--dry-run", action="store_true", help="list what would run and what is already done")
+    g.add_argument("--dry-run", action="store_true",
+                   help="list what would run and what is already done, with each cell's network evaluations and the total")
+    g.add_argument("--calibrate", action="store_true",
+                   help="with --dry-run: time a few network calls on the first of --devices and estimate device-hours")
     g.add_argument("--force", action="store_true", help="recompute cells already in the store (old rows kept until each finishes)")
     g.set_defaults(func=cmd_grid)

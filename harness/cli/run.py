@@ -47,6 +47,31 @@ def print_plan(job, out) -> None:
         print(f"  note: {note}", file=out)
 
 
+def fmt_cost(cost: dict) -> str:
+    """One line of network evaluations: purifications, purifier NFE, classifier images."""
+    bound = "" if cost["exact"] else "at most "
+    ref = f" + {cost['reference_purifications']} reference" if cost.get("reference_purifications") else ""
+    return (f"{bound}{cost['attack_purifications']} attack + {cost['eval_purifications']} scoring{ref} purifications "
+            f"x {cost['nfe_per_purification']} NFE = {cost['purifier_nfe_images']} purifier NFE-images; "
+            f"{cost['classifier_images']} classifier images")
+
+
+def print_cost(cost: dict, cal, out) -> None:
+    """The cost lines of ``--dry-run`` (and the time estimate of ``--calibrate``)."""
+    from harness.evaluation.cost import estimate_seconds
+
+    print(f"  network evaluations: {fmt_cost(cost)}", file=out)
+    for a in cost["attacks"]:
+        print(f"    {a['label']}: {a['model_images']} model images (EOT {a['eot']}, {a['path']}), "
+              f"{a['eval_purifications']} scoring purifications", file=out)
+    if not cost["exact"]:
+        print(f"    ({cost['note']})", file=out)
+    if cal is not None:
+        secs = estimate_seconds(cost, cal)
+        print(f"  estimated network time on {cal.device}: {secs:.1f} s ({secs / 3600:.4f} device-hours; calibrated on "
+              f"{cal.batch} images: {1e3 * cal.defended_s:.3f} ms per defended forward image)", file=out)
+
+
 def _pct(v):
     return "-" if v is None else f"{100 * v:.2f}%"
 
@@ -97,9 +122,23 @@ def cmd_run(args) -> int:
     job = resolve(cfg)
     print_plan(job, sys.stderr if args.json else sys.stdout)
     if args.dry_run:
+        from harness.evaluation.cost import calibrate, estimate_nfe, estimate_seconds
+
+        cost = estimate_nfe(job)
+        extra: dict = {"cost": cost}
+        cal = None
+        if args.calibrate:
+            cal = calibrate(job)
+            extra["calibration"] = cal.as_dict()
+            extra["estimated_network_s"] = estimate_seconds(cost, cal)
+        print_cost(cost, cal, sys.stderr if args.json else sys.stdout)
         if args.json:
-            print(json.dumps({"job_id": job.job_id, "status": "planned", **job.summary()}, default=str))
+            print(json.dumps({"job_id": job.job_id, "status": "planned", **job.summary(), **extra}, default=str))
         return 0
+    if args.calibrate:
+        from harness.core.registry import HarnessError
+
+        raise HarnessError("--calibrate goes with --dry-run")
     store = Store(args.db)
     outcome = run_job(job, store, force=args.force, progress=not args.no_progress and sys.stderr.isatty())
     if args.json:
@@ -129,6 +168,9 @@ def add_parser(sub) -> None:
     r.add_argument("--plugin", action="append", metavar="FILE_OR_MODULE", help="import a plugin: defenses, attacks, shifts (repeatable)")
     r.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     r.add_argument("--force", action="store_true", help="recompute even if the store has this job")
-    r.add_argument("--dry-run", action="store_true", help="resolve and print the plan, run nothing")
+    r.add_argument("--dry-run", action="store_true",
+                   help="resolve and print the plan and its network evaluations (NFE), run nothing")
+    r.add_argument("--calibrate", action="store_true",
+                   help="with --dry-run: time a few network calls on --device and estimate the run's network time")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_run)

@@ -14,31 +14,28 @@ Plugin authors import from here::
 - :mod:`harness.core.plugins`: loading built-in and user plugins.
 """
 
-from harness.core.attack import (
-    ATTACKS,
-    SUITES,
-    Attack,
-    AttackConfig,
-    AttackRandomness,
-    AttackResult,
-    AttackSuite,
-    Budget,
-    register_attack,
-    register_suite,
-)
-from harness.core.defense import (
-    DEFENSES,
-    CostLevel,
-    Defense,
-    DefenseConfig,
-    GradientPath,
-    SetupContext,
-    bpda,
-    randn_like,
-    register_defense,
-)
-from harness.core.registry import HarnessError, MissingFileError, Registry
-from harness.core.shift import SHIFTS, Shift, ShiftConfig, ShiftContext, register_shift
+import importlib
+
+#: name -> submodule that defines it. Imported on first use (PEP 562), so that importing
+#: ``harness.core.registry`` (every CLI command does) does not import torch.
+_WHERE = {
+    **dict.fromkeys(
+        ("ATTACKS", "SUITES", "Attack", "AttackConfig", "AttackRandomness", "AttackResult", "AttackSuite", "Budget",
+         "register_attack", "register_suite"), "attack"),
+    **dict.fromkeys(
+        ("DEFENSES", "CostLevel", "Defense", "DefenseConfig", "GradientPath", "SetupContext", "bpda", "randn_like",
+         "register_defense"), "defense"),
+    **dict.fromkeys(("HarnessError", "MissingFileError", "Registry"), "registry"),
+    **dict.fromkeys(("SHIFTS", "Shift", "ShiftConfig", "ShiftContext", "register_shift"), "shift"),
+}
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"harness.core.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'harness.core' has no attribute '{name}'")
+
 
 __all__ = [
     "ATTACKS", "DEFENSES", "SHIFTS", "SUITES", "Attack", "AttackConfig", "AttackRandomness", "AttackResult",

@@ -154,6 +154,16 @@ class Attack:
         """Progress ticks one run costs (iterations, or one tick for a one-shot attack)."""
         return 1
 
+    def model_calls(self, eot: int) -> int:
+        """Images through the attacked model per attacked image, for cost estimates (``--dry-run``).
+
+        The default is one EOT-averaged evaluation (``eot`` images) per progress tick:
+        exact for PGD (``steps + 1`` evaluations per restart), about right for iterative
+        library attacks (APGD's initial evaluation and FAB's extra forward per step are
+        not counted). Override where that is far off.
+        """
+        return self.ticks() * max(1, int(eot))
+
     def run(
         self,
         model: AttackedModel,

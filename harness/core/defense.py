@@ -23,6 +23,10 @@ special-cases a defense by name:
   adversarial-example detector (FlowPure's initial velocity magnitude).
 - ``default_examples``: evaluation-subset sizes for costly cells, keyed by the cost of
   the attack (:class:`CostLevel`), never by a threat's name.
+- ``nfe_per_call``: network evaluations of the generative model per purified image (0
+  for a defense without one; an instance attribute where the config sets it, e.g. a
+  solver's step count). The run records purifications x ``nfe_per_call``, and
+  ``--dry-run`` predicts it (:mod:`harness.evaluation.cost`).
 
 Scoring never needs gradients: evaluation draws call :meth:`Defense.classify` with
 ``path=None`` (the defense's own forward) under ``torch.no_grad``. A defense whose
@@ -174,7 +178,8 @@ class Defense(nn.Module):
     #: also attacks through, before the threat's own ``also_paths``: for defenses whose
     #: exact gradient is costly or weak (CMAP adds its one-step surrogate).
     also_attack_through: ClassVar[tuple[GradientPath, ...]] = ()
-    #: Network evaluations of the generative model per purification call (batch level).
+    #: Network evaluations of the generative model per purified image (per purification call
+    #: of a batch; see the module docstring). Every shipped defense declares it.
     nfe_per_call: int = 0
     #: Lines :meth:`setup` sets to say what it chose that the user did not (per-dataset
     #: defaults scaled for a CPU, tiling, ...). Every run prints them and stores them with

@@ -35,9 +35,16 @@ def accuracy_metrics(job: ResolvedJob, examples: list) -> dict[str, Metric]:
     metrics["robust_accuracy"] = metrics[f"robust_accuracy_{headline}"]
     still = [bool(getattr(e, f"clean_{headline}")) for e in examples]
     for pa in job.plan.attacks:
-        for i, e in enumerate(examples):
-            if still[i] and pa.label in e.adv_preds:
-                still[i] = bool(score_draws(torch.tensor(e.adv_preds[pa.label])[None], torch.tensor([e.label]))[headline][0])
+        idx = [i for i, e in enumerate(examples) if still[i] and pa.label in e.adv_preds]
+        # one score_draws call per number of draws (every row of a job has the same), not per example
+        by_len: dict[int, list[int]] = {}
+        for i in idx:
+            by_len.setdefault(len(examples[i].adv_preds[pa.label]), []).append(i)
+        for rows in by_len.values():
+            preds = torch.tensor([examples[i].adv_preds[pa.label] for i in rows])
+            ok = score_draws(preds, torch.tensor([examples[i].label for i in rows]))[headline].tolist()
+            for i, v in zip(rows, ok, strict=True):
+                still[i] = bool(v)
         frac(f"robust_accuracy_{pa.label}", sum(still))
     return metrics
 

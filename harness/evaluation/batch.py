@@ -223,14 +223,18 @@ def kept_adversarial(st: BatchState) -> tuple[torch.Tensor, list[str | None]]:
     """Per example, the first attack that breaks it under the worst-of-R rule, else the
     attack with the largest margin; returns the kept images and the breaking attack."""
     names = list(st.advs)
-    chosen = torch.stack([st.advs[n].margin for n in names], 1).argmax(1)
+    chosen = torch.stack([st.advs[n].margin for n in names], 1).argmax(1).tolist()
     worst_attack: list[str | None] = [None] * len(st.y)
+    # Python lists, not a tensor element per test (the same values, without a tensor op each)
+    ran = {n: st.ran[n].tolist() for n in names}
+    broken = {n: st.scores[n]["worst"].logical_not().tolist() for n in names}
     for i in range(len(st.y)):
         for j, n in enumerate(names):
-            if bool(st.ran[n][i]) and not bool(st.scores[n]["worst"][i]):
+            if ran[n][i] and broken[n][i]:
                 worst_attack[i], chosen[i] = n, j
                 break
-    x_adv = torch.stack([st.advs[names[int(chosen[i])]].x_adv[i] for i in range(len(st.y))])
+    every = torch.stack([st.advs[n].x_adv for n in names])  # (attacks, B, C, H, W)
+    x_adv = every[torch.tensor(chosen, dtype=torch.long, device=every.device), torch.arange(len(st.y), device=every.device)]
     return x_adv, worst_attack
 
 
@@ -299,20 +303,26 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
 def example_rows(st: BatchState, x_adv: torch.Tensor, worst_attack: list, quality: dict, det: tuple) -> list[dict]:
     """One dict per example, in the store's ``examples`` columns."""
     delta = (x_adv - st.x).flatten(1)
-    linf, l2 = delta.abs().max(1).values, delta.norm(dim=1)
+    linf, l2 = delta.abs().max(1).values.tolist(), delta.norm(dim=1).tolist()
     names = list(st.advs)
+    # every tensor converted to Python values once (tolist gives what float()/bool()/int() of each element gives)
+    labels, clean_preds = st.y.tolist(), st.clean_preds.tolist()
+    preds = {n: st.preds[n].tolist() for n in names}
+    ran = {n: st.ran[n].tolist() for n in names}
+    flags = {f"{k}_{r}": getattr(st, k)[r].tolist() for k in ("clean", "robust") for r in RULES}
+    dets = [None if d is None else d.tolist() for d in det]
+    qual = {k: v.tolist() for k, v in quality.items()}
     rows = []
-    for i in range(len(st.y)):
+    for i in range(len(labels)):
         rows.append(dict(
-            position=int(st.positions[i]), dataset_index=int(st.job.subset.indices[st.positions[i]]), label=int(st.y[i]),
-            clean_preds=st.clean_preds[i].tolist(),
-            adv_preds={n: st.preds[n][i].tolist() for n in names if bool(st.ran[n][i])},  # absent: skipped by the cascade
-            worst_attack=worst_attack[i], linf=float(linf[i]), l2=float(l2[i]),
-            **{f"clean_{r}": bool(st.clean[r][i]) for r in RULES},
-            **{f"robust_{r}": bool(st.robust[r][i]) for r in RULES},
-            detect_clean=None if det[0] is None else float(det[0][i]),
-            detect_adv=None if det[1] is None else float(det[1][i]),
-            **{k: float(v[i]) for k, v in quality.items()},
+            position=int(st.positions[i]), dataset_index=int(st.job.subset.indices[st.positions[i]]), label=labels[i],
+            clean_preds=clean_preds[i],
+            adv_preds={n: preds[n][i] for n in names if ran[n][i]},  # absent: skipped by the cascade
+            worst_attack=worst_attack[i], linf=linf[i], l2=l2[i],
+            **{k: v[i] for k, v in flags.items()},
+            detect_clean=None if dets[0] is None else dets[0][i],
+            detect_adv=None if dets[1] is None else dets[1][i],
+            **{k: v[i] for k, v in qual.items()},
         ))
     return rows
 

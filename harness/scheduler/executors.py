@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 from harness.core.registry import HarnessError
 from harness.evaluation import RunConfig, iter_batches, resolve
+from harness.evaluation.lifecycle import freeze_gc
 from harness.scheduler.reaper import Reaper
 from harness.store import Store
 
@@ -60,6 +61,7 @@ def _worker_main(device: str, tasks, results, threads: int | None, store_url: st
         job_id, cfg, skip = item
         try:
             job = resolve(dataclasses.replace(cfg, device=device))
+            freeze_gc()
             if job.job_id != job_id:
                 raise HarnessError(
                     f"job identity differs on worker {device} ({job.job_id[:12]} != {job_id[:12]}): "
@@ -188,6 +190,7 @@ def _ray_job(job_id: str, cfg: RunConfig, skip: list[int], store_url: str, gpu: 
     torch.set_num_threads(threads)  # a task holds one CPU (num_cpus=1): more threads only oversubscribe it
     device = "cuda" if gpu else "cpu"
     job = resolve(dataclasses.replace(cfg, device=device))
+    freeze_gc()
     if job.job_id != job_id:
         raise HarnessError(
             f"job identity differs on the Ray worker ({job.job_id[:12]} != {job_id[:12]}): "

@@ -14,6 +14,7 @@ from typing import Any
 
 from harness.core.registry import HarnessError, suggest
 from harness.evaluation import JobWriter
+from harness.evaluation.lifecycle import freeze_gc
 from harness.scheduler.cells import Cell, plan
 from harness.scheduler.executors import LocalExecutor, RayExecutor, Task
 from harness.scheduler.gridfile import GridSpec
@@ -83,6 +84,7 @@ def run_grid(
     if store is None:
         raise HarnessError("run_grid needs a store unless dry_run")
     run = _executor(executor, devices, address, ray_cpus, threads)
+    freeze_gc()  # the planned cells' resolved jobs live until the grid ends
     _record_skips(cells, store, log)
     todo = [c for c in cells if c.state == "pending"]
     writers = {c.job_id: JobWriter(store, c.job, force=force) for c in todo}

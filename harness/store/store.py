@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 import numpy as np
-from sqlalchemy import create_engine, delete, event, inspect, select
+from sqlalchemy import create_engine, delete, event, insert, inspect, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.orm import Session, defer, sessionmaker
@@ -102,6 +102,18 @@ def utcnow() -> datetime:
 def _first_line(exc: BaseException) -> str:
     text = str(getattr(exc, "orig", None) or exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _bulk_insert(s: Session, model: type, rows: list[dict[str, Any]]) -> None:
+    """``INSERT`` ``rows`` into ``model``'s table with one executemany per distinct key set (in order)."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row), []).append(row)
+    unknown = {k for keys in groups for k in keys} - set(model.__table__.columns.keys())
+    if unknown:
+        raise TypeError(f"{model.__name__}: unknown column(s) {sorted(unknown)}")
+    for group in groups.values():
+        s.execute(insert(model.__table__), group)
 
 
 def _reads(fn):
@@ -386,9 +398,14 @@ class Store:
         if s.scalar(select(BatchRow.id).where(BatchRow.job_id == job_id, BatchRow.batch == batch)) is not None:
             return  # already written by an earlier (interrupted) run
         s.add(BatchRow(job_id=job_id, batch=batch, n=len(examples), curves=curves, nfe=nfe, seconds=seconds, extra=extra or {}))
-        s.add_all(ExampleRow(job_id=job_id, batch=batch, **e) for e in examples)
-        for smp in samples or []:
-            s.add(SampleRow(job_id=job_id, position=smp["position"], images=encode_images(**smp["images"])))
+        s.flush()
+        # per-example rows as Core executemany inserts (no ORM object per row). Rows are grouped by
+        # the keys they give, so a column a row leaves out is SQL NULL, as with an ORM object that
+        # never set it (a JSON column given None would store JSON 'null' instead).
+        _bulk_insert(s, ExampleRow, [{"job_id": job_id, "batch": batch, **e} for e in examples])
+        _bulk_insert(s, SampleRow, [
+            {"job_id": job_id, "position": smp["position"], "images": encode_images(**smp["images"])} for smp in samples or []
+        ])
 
     @_reads
     def get_adv(self, key: str) -> dict | None:
@@ -447,11 +464,14 @@ class Store:
         s.execute(delete(MetricRow).where(MetricRow.job_id == job_id))
         s.execute(delete(CurveRow).where(CurveRow.job_id == job_id))
         s.flush()
-        for name, (value, lo, hi, n) in metrics.items():
-            s.add(MetricRow(job_id=job_id, name=name, value=float(value), lower=lo, upper=hi, n=n))
-        for attack, points in curves.items():
-            for it, (acc, n) in enumerate(points):
-                s.add(CurveRow(job_id=job_id, attack=attack, iteration=it, accuracy=float(acc), n=int(n)))
+        _bulk_insert(s, MetricRow, [
+            {"job_id": job_id, "name": name, "value": float(value), "lower": lo, "upper": hi, "n": n}
+            for name, (value, lo, hi, n) in metrics.items()
+        ])
+        _bulk_insert(s, CurveRow, [
+            {"job_id": job_id, "attack": attack, "iteration": it, "accuracy": float(acc), "n": int(n)}
+            for attack, points in curves.items() for it, (acc, n) in enumerate(points)
+        ])
         for k, v in (fields or {}).items():
             setattr(job, k, v)
         job.status, job.reason = "done", None
