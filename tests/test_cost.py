@@ -55,11 +55,11 @@ def test_run_dry_run_prints_the_nfe_and_json_holds_it(capsys):
     argv += [a for k, v in SMALL for a in ("--set", f"{k}={v}")]
     assert main(argv + ["--calibrate"]) == 0
     out = capsys.readouterr().out
-    assert "network evaluations: 32 attack + 24 scoring purifications x 2 NFE = 112 purifier NFE-images" in out
+    assert "network evaluations: 32 attack + 24 scoring + 4 flag-check purifications x 2 NFE = 120 purifier NFE-images" in out
     assert "estimated network time on cpu" in out
     assert main(argv + ["--json"]) == 0
     got = json.loads(capsys.readouterr().out)
-    assert got["status"] == "planned" and got["cost"]["purifier_nfe_images"] == 112
+    assert got["status"] == "planned" and got["cost"]["purifier_nfe_images"] == 120
 
 
 def test_grid_dry_run_prints_every_cell_and_the_total(tmp_path, capsys):
@@ -69,8 +69,8 @@ def test_grid_dry_run_prints_every_cell_and_the_total(tmp_path, capsys):
                     "datasets: [digits]\n")
     assert main(["grid", str(grid), "--dry-run", "--db", str(tmp_path / "r.db"), "--calibrate"]) == 0
     out = capsys.readouterr().out
-    assert out.count("        nfe: ") == 2 and "= 112 purifier NFE-images" in out
-    assert "total to run: 2 cells, 160 purifier NFE-images" in out and "device-hours on cpu" in out
+    assert out.count("        nfe: ") == 2 and "= 120 purifier NFE-images" in out
+    assert "total to run: 2 cells, 168 purifier NFE-images" in out and "device-hours on cpu" in out
     assert not (tmp_path / "r.db").exists()
 
 

@@ -51,6 +51,7 @@ def fmt_cost(cost: dict) -> str:
     """One line of network evaluations: purifications, purifier NFE, classifier images."""
     bound = "" if cost["exact"] else "at most "
     ref = f" + {cost['reference_purifications']} reference" if cost.get("reference_purifications") else ""
+    ref += f" + {cost['flag_purifications']} flag-check" if cost.get("flag_purifications") else ""
     return (f"{bound}{cost['attack_purifications']} attack + {cost['eval_purifications']} scoring{ref} purifications "
             f"x {cost['nfe_per_purification']} NFE = {cost['purifier_nfe_images']} purifier NFE-images; "
             f"{cost['classifier_images']} classifier images")

@@ -9,6 +9,8 @@ through the purifier and the classifier, as the run records them (``jobs.nfe``):
   adversarial examples; a classifier-only attack purifies only for the scoring;
 - with ``paired_reference`` on shifted inputs (or a purifier trained elsewhere): the
   reference configuration's purifications, as many again;
+- the flag checks (:func:`harness.evaluation.batch.flag_checks`): n purifications for the
+  zero-gradient probe on a defended path, and n more for a defense declared deterministic;
 - ``purifier_nfe_images`` = the defense's ``nfe_per_call`` x all purifications.
 
 The cascade (a later attack runs only on the examples still robust) is not known before
@@ -53,13 +55,19 @@ def estimate_nfe(job: ResolvedJob) -> dict[str, Any]:
     # configuration scores and attacks again (what batch.paired_reference counts)
     ref = job.spec.paired_reference and (job.shift.name != "none" or job.reference_defense is not None)
     ref_pur = attack_pur + eval_pur if ref else 0
+    # the flag checks: one gradient probe on its path (a purification unless it is the
+    # classifier alone), and one more purification of a deterministic defense
+    grads = [pa.path for pa in job.plan.attacks if pa.attack.needs_gradients]
+    probe = (job.path if job.path in grads else grads[0]) if grads else None
+    flag_pur = (n if probe is not None and probe is not GradientPath.CLASSIFIER else 0) + (0 if job.defense.stochastic else n)
     exact = len(job.plan.attacks) <= 1
     return {
         "n_examples": n, "eval_draws": draws, "nfe_per_purification": per_call,
         "attack_purifications": attack_pur, "purifier_gradient_purifications": grad_pur, "eval_purifications": eval_pur,
         **({"reference_purifications": ref_pur} if job.spec.paired_reference else {}),
         "classifier_images": attack_clf + eval_pur,
-        "purifier_nfe_images": per_call * (attack_pur + eval_pur + ref_pur),
+        "flag_purifications": flag_pur,
+        "purifier_nfe_images": per_call * (attack_pur + eval_pur + ref_pur + flag_pur),
         "attacks": attacks, "exact": exact,
         **({} if exact else {"note": "every attack on every example: the cascade runs later attacks on fewer"}),
     }
