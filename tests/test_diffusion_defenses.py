@@ -400,16 +400,17 @@ def test_missing_cifar_backbone_is_a_one_line_error_naming_the_folder(tmp_path, 
     msg = str(err.value)
     assert "\n" not in msg and "ddpm-cifar10-32" in msg and str(tmp_path / "weights") in msg
     with pytest.raises(HarnessError) as err:
-        COUP().setup(SetupContext(classifier=tiny_classifier(), dataset="mnist5k", image_shape=(1, 28, 28), num_classes=10))
+        COUP().setup(SetupContext(classifier=tiny_classifier(), dataset="mnist", image_shape=(1, 28, 28), num_classes=10))
     assert "\n" not in str(err.value) and "harness train diffusion" in str(err.value)
     with pytest.raises(HarnessError, match="does not exist"):
         DiffPure.from_dict({"model_path": str(tmp_path / "nope")}).setup(_cifar_ctx(None))
 
 
 def test_backbone_shape_mismatch_is_an_error(tmp_path):
+    """Without an adapter (adapter=none), a backbone of another image shape is refused."""
     _save_tiny_cifar(tmp_path / "m")
     with pytest.raises(HarnessError, match="3x32x32"):
-        DiffPure.from_dict({"model_path": str(tmp_path / "m")}).setup(
+        DiffPure.from_dict({"model_path": str(tmp_path / "m"), "adapter": "none"}).setup(
             SetupContext(classifier=None, dataset="digits", image_shape=(1, 8, 8), num_classes=10)
         )
 

@@ -295,11 +295,11 @@ def test_a_mistake_in_a_grid_stops_it_before_anything_runs(tmp_path, capsys, tex
 
 def test_only_valid_cells_that_cannot_run_here_are_skipped(tmp_path, capsys):
     """An incompatible pair (a stochastic defense under AutoAttack-standard), missing weights (no
-    MAEP for mnist5k) and a missing data folder are skipped with the reason, and counted."""
+    consistency model for CMAP on mnist5k) and a missing data folder are skipped with the reason, and counted."""
     text = f"""
 n_examples: 8
 plugins: [{TOY_PLUGIN}]
-defenses: [none, toy-noise, maep]
+defenses: [none, toy-noise, cmap]
 threats:
   - preprocessor-blind
   - name: bpda
@@ -321,6 +321,7 @@ classifiers:
     assert not db.exists()  # a dry run creates no store
     reasons = {line.split("  ")[3].split(" x seed")[0]: line for line in out.splitlines() if line.startswith("  skip ")}
     assert "has no EOT" in reasons["toy-noise x bpda x digits x default"]
-    assert "MAEP weights 'maep-mnist5k.pt'" in reasons["maep x preprocessor-blind x mnist5k x default"]
+    assert "mnist5k-cm.pt" in reasons["cmap x preprocessor-blind x mnist5k x default"]
     assert "no-such-cifar' does not exist" in reasons["none x preprocessor-blind x cifar10 x resnet20"]
-    assert out.rstrip().endswith("summary: pending 8, skipped 10")
+    assert "has no EOT" in reasons["cmap x bpda x digits x default"]  # CMAP is stochastic too
+    assert out.rstrip().endswith("summary: pending 7, skipped 11")
