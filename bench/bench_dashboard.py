@@ -146,7 +146,8 @@ def browser_timing(db: Path, small: Path) -> dict:
     """Headless Chromium against a fresh server (empty caches): seconds from navigation
     until the whole page (leaderboard, charts, drill-down) is in the DOM and Streamlit is
     idle, then again on a reload. The same on a 12-job store gives the baseline cost of
-    Streamlit's frontend on this machine, which no store size changes."""
+    Streamlit's frontend on this machine, which no store size changes.
+    """
     import tempfile
 
     from tests.test_dashboard import WebDriver, _free_port, _stop, serve_dashboard, wait_for_page

@@ -104,7 +104,8 @@ def make_engine(db: str | None) -> Engine:
 
 def store_signature(db: str | None) -> tuple:
     """Cache key that changes whenever the store does: mtime and size of the SQLite file
-    and of its WAL (writers append to the WAL first). Other databases: a 30 s bucket."""
+    and of its WAL (writers append to the WAL first). Other databases: a 30 s bucket.
+    """
     url = resolve_url(db)
     path = sqlite_file(url)
     if path is None:
@@ -143,7 +144,8 @@ def empty_jobs() -> pd.DataFrame:
 
 def load_jobs(engine: Engine, rule: str = "headline") -> pd.DataFrame:
     """Every job (any status) with its clean and robust accuracy under ``rule`` and its
-    cost, one row per job, in one SQL query (two joins on the metrics index)."""
+    cost, one row per job, in one SQL query (two joins on the metrics index).
+    """
     if not has_jobs_table(engine):
         return empty_jobs()
     clean_name, robust_name = metric_names(rule)
@@ -370,7 +372,8 @@ def _col(lb: pd.DataFrame, name: str) -> list:
 
 def flag_mark(flags) -> str:
     """`` 🚩 not_converged,zero_gradients`` for a cell whose job is flagged ('' when none; ``non_adaptive_only``
-    is what ``†`` already says, and '?' marks a job stored before flags existed, which is not flagged)."""
+    is what ``†`` already says, and '?' marks a job stored before flags existed, which is not flagged).
+    """
     if not isinstance(flags, str):
         return ""
     names = [f for f in flags.split(",") if f and f not in ("?", "non_adaptive_only")]
@@ -383,7 +386,8 @@ def display_table(lb: pd.DataFrame) -> pd.DataFrame:
 
     ``†`` marks a non-adaptive cell (the attack ignores or approximates the purifier's
     gradient); ``⚠`` marks a row whose every threat was non-adaptive; ``🚩 name,...`` marks a
-    cell whose job carries flags (:func:`flag_mark`; ``non_adaptive_only`` is left to ``†``)."""
+    cell whose job carries flags (:func:`flag_mark`; ``non_adaptive_only`` is left to ``†``).
+    """
     threats = lb_threats(lb)
     out = pd.DataFrame(
         {
@@ -461,7 +465,8 @@ def _tex_cells(acc: pd.Series, lo: pd.Series, hi: pd.Series) -> list[str]:
 
 def to_latex(lb: pd.DataFrame, caption: str | None = None) -> str:
     """The filtered leaderboard as a booktabs LaTeX table (accuracies in %, 95% Wilson
-    intervals); a dagger marks rows evaluated by non-adaptive threats only."""
+    intervals); a dagger marks rows evaluated by non-adaptive threats only.
+    """
     threats = lb_threats(lb)
     head = ["Defense", "Classifier", "Dataset", "Clean"] + [tex_escape(t) for t in threats] + ["Worst case"]
     lines = [
@@ -529,7 +534,8 @@ def per_threat_long(lb: pd.DataFrame, top: int | None = 25) -> pd.DataFrame:
 def cost_table(jobs: pd.DataFrame, rows: pd.DataFrame | None = None) -> pd.DataFrame:
     """Cost per example of finished jobs, median over the jobs of each (defense, threat):
     purifier NFEs (network evaluations of the purifier, attack + evaluation), classifier
-    images and seconds. ``rows`` (a leaderboard) restricts it to those defenses."""
+    images and seconds. ``rows`` (a leaderboard) restricts it to those defenses.
+    """
     done = jobs[jobs["status"] == "done"]
     if rows is not None:
         done = done[done["defense"].isin(rows["defense"])]
@@ -624,7 +630,8 @@ def _with_changes(engine: Engine, done: pd.DataFrame) -> pd.DataFrame:
 def shift_view(engine: Engine, jobs: pd.DataFrame) -> pd.DataFrame:
     """One row per finished job on shifted inputs: defense, dataset, shift, clean and robust accuracy on the
     shifted inputs, and the paired changes from the unshifted inputs (same examples, same attack seeds) of the
-    defended model and of the undefended classifier, each ``<metric>`` with ``:lo``, ``:hi`` (95% Newcombe)."""
+    defended model and of the undefended classifier, each ``<metric>`` with ``:lo``, ``:hi`` (95% Newcombe).
+    """
     done = jobs[(jobs["status"] == "done") & (jobs["shift"] != "none")] if len(jobs) else jobs
     out = _with_changes(engine, done)
     return out.sort_values(["dataset", "shift", "robust_accuracy_change", "defense"], na_position="last").reset_index(drop=True)
@@ -633,7 +640,8 @@ def shift_view(engine: Engine, jobs: pd.DataFrame) -> pd.DataFrame:
 def transfer_matrix(engine: Engine, jobs: pd.DataFrame) -> pd.DataFrame:
     """The cross-dataset cells, long: one row per (defense, trained_on, evaluated dataset), the latest finished
     ``cross-dataset`` job of each, with its clean and robust accuracy and the paired changes from the purifier
-    trained on the evaluated dataset (zero on the diagonal). :func:`transfer_pivot` lays it out as a matrix."""
+    trained on the evaluated dataset (zero on the diagonal). :func:`transfer_pivot` lays it out as a matrix.
+    """
     done = jobs[(jobs["status"] == "done") & (jobs["threat"] == "cross-dataset")] if len(jobs) else jobs
     done = done.assign(trained_on=done["trained_on"].fillna("-"))
     done = done.sort_values("finished_at", ascending=False).drop_duplicates(["defense", "classifier", "trained_on", "dataset"])
@@ -659,7 +667,8 @@ def compare_jobs(engine: Engine, job_a: str, job_b: str) -> dict[str, Any]:
     """Paired comparison of two finished jobs on the examples they share (same dataset index), under each job's
     headline rule: ``n_shared`` and, for ``robust`` and ``clean``, :func:`harness.evaluation.stats.paired_comparison`
     (the 2x2 table, both accuracies, the Newcombe interval of B - A, the exact McNemar p-value). ``n_shared`` 0
-    when they share no example."""
+    when they share no example.
+    """
     from harness.evaluation.stats import paired_comparison
 
     j, e = Job.__table__, ExampleRow.__table__
@@ -744,7 +753,8 @@ def majority(preds: Sequence[int]) -> int | None:
 
 def to_display_image(chw: np.ndarray, size: int = 112) -> np.ndarray:
     """uint8 CHW (1 or 3 channels) -> HW or HWC uint8, upscaled by an integer factor
-    (nearest neighbour) to about ``size`` pixels so 8x8 digits stay visible."""
+    (nearest neighbour) to about ``size`` pixels so 8x8 digits stay visible.
+    """
     a = np.asarray(chw)
     if a.ndim == 3:
         a = a[0] if a.shape[0] == 1 else np.transpose(a[:3], (1, 2, 0))
@@ -756,7 +766,8 @@ def to_display_image(chw: np.ndarray, size: int = 112) -> np.ndarray:
 
 def perturbation_image(clean: np.ndarray, adv: np.ndarray, size: int = 112) -> tuple[np.ndarray, float]:
     """(adv - clean) mapped to [0, 255] around mid-grey, amplified to the largest
-    change; returns the image and the l_inf of the change in [0, 1] units."""
+    change; returns the image and the l_inf of the change in [0, 1] units.
+    """
     d = adv.astype(np.int16) - clean.astype(np.int16)
     m = int(np.abs(d).max())
     img = np.full(d.shape, 128, dtype=np.int16) if m == 0 else 128 + d * 127 // m

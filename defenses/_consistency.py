@@ -151,7 +151,7 @@ def load_consistency(path: Path) -> tuple[ConsistencyFunction, dict[str, Any]]:
 
 
 def one_step_samples(fn: ConsistencyFunction, n: int, shape: tuple[int, int, int], generator: torch.Generator) -> torch.Tensor:
-    """n one-step samples in [0, 1] (for the sample grid and the tests)."""
+    """N one-step samples in [0, 1] (for the sample grid and the tests)."""
     z = torch.randn((n, *shape), generator=generator)
     with torch.no_grad():
         return ((fn.generate(z) + 1) / 2).clamp(0, 1)

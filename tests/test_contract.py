@@ -80,7 +80,8 @@ def test_bpda_backward_is_identity(defense, images01):
 
 def test_config_round_trip_keeps_identity(defense, tiny_clf):
     """A defense rebuilt from its stored config and set up again has the same identity
-    (identity is taken after setup, when weights hashes and dataset defaults are known)."""
+    (identity is taken after setup, when weights hashes and dataset defaults are known).
+    """
     again = type(defense).from_dict(dataclasses.asdict(defense.config))
     again.setup(SetupContext(classifier=tiny_clf, dataset="digits", image_shape=(1, 8, 8), num_classes=10))
     assert again.identity() == defense.identity()
@@ -93,7 +94,8 @@ def test_unknown_config_key_is_an_error(defense):
 
 def test_declared_paths_are_implemented(defense, images01):
     """A declared adjoint/surrogate path overrides its method; a declared full path is
-    connected to autograd (its output depends on the input through the graph)."""
+    connected to autograd (its output depends on the input through the graph).
+    """
     cls = type(defense)
     for path, method in ((GradientPath.ADJOINT, "purify_adjoint"), (GradientPath.SURROGATE, "purify_surrogate")):
         overridden = getattr(cls, method) is not getattr(Defense, method)

@@ -1,5 +1,6 @@
 """The leaderboard (issue 5): queries on a temporary store, the page through Streamlit's
-AppTest, and the real server loaded in headless Chromium (dashboard/install_browser.sh)."""
+AppTest, and the real server loaded in headless Chromium (dashboard/install_browser.sh).
+"""
 
 from __future__ import annotations
 
@@ -420,7 +421,8 @@ class WebDriver:
     """A minimal W3C WebDriver client over chromedriver's HTTP API (stdlib only).
 
     Chromium's one-shot ``--dump-dom --virtual-time-budget`` races Streamlit's websocket
-    (virtual time does not wait for it), so the page is polled in real time instead."""
+    (virtual time does not wait for it), so the page is polled in real time instead.
+    """
 
     def __init__(self, profile: Path, log: Path, window: str = "1400,1000"):
         self.port = _free_port()

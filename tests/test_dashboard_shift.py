@@ -1,5 +1,6 @@
 """The leaderboard's shift view and cross-dataset matrix, on a store of real (small) engine runs:
-shifted and transferred cells are shown beside the worst case, never inside it."""
+shifted and transferred cells are shown beside the worst case, never inside it.
+"""
 
 from __future__ import annotations
 

@@ -102,7 +102,8 @@ def test_identity_hash_tracks_everything_that_changes_the_number():
 @pytest.mark.parametrize("threat", ["preprocessor-blind", "adaptive"])
 def test_spellings_of_the_default_budget_are_one_job(threat):
     """eps=0.2 (the digits default, spelled out), eps=1/5 and no --set give one job id, as do
-    spellings of a defense's float option."""
+    spellings of a defense's float option.
+    """
     ids = {
         E.resolve(cfg(threat=threat, n_examples=8, overrides=o)).job_id
         for o in ([], [("eps", "0.2")], [("eps", "1/5")], [("threat.eps", "2/10")], [("eps", "0.2"), ("step_size", "1/20")])

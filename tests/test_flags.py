@@ -1,6 +1,7 @@
 """Issue 15: non-finite gradients stop a job, flags on weak numbers, paired comparisons (harness compare).
 
-Small real runs on digits (16 examples, 2-3 attack steps) sharing one store."""
+Small real runs on digits (16 examples, 2-3 attack steps) sharing one store.
+"""
 
 from __future__ import annotations
 

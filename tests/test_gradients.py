@@ -1,5 +1,6 @@
 """Gradient paths: BPDA equals the classifier gradient at the purified input; the full
-gradient of a deterministic purifier matches finite differences; masking is detectable."""
+gradient of a deterministic purifier matches finite differences; masking is detectable.
+"""
 
 from __future__ import annotations
 

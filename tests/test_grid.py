@@ -295,7 +295,8 @@ def test_a_mistake_in_a_grid_stops_it_before_anything_runs(tmp_path, capsys, tex
 
 def test_only_valid_cells_that_cannot_run_here_are_skipped(tmp_path, capsys):
     """An incompatible pair (a stochastic defense under AutoAttack-standard), missing weights (no
-    consistency model for CMAP on mnist5k) and a missing data folder are skipped with the reason, and counted."""
+    consistency model for CMAP on mnist5k) and a missing data folder are skipped with the reason, and counted.
+    """
     text = f"""
 n_examples: 8
 plugins: [{TOY_PLUGIN}]

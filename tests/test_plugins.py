@@ -1,5 +1,6 @@
 """Plugins beyond defenses: a user attack and a user shift from the CLI, a bpda-only defense
-under every threat, and the run-time checks of the contracts (range, source identity)."""
+under every threat, and the run-time checks of the contracts (range, source identity).
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Reliability: concurrent writers on a new store, one-line errors that leave the store alone,
-read-only commands that never create a store, Ctrl-C and SIGKILL of a grid."""
+read-only commands that never create a store, Ctrl-C and SIGKILL of a grid.
+"""
 
 from __future__ import annotations
 

@@ -101,7 +101,8 @@ def test_image_codec_round_trip():
 
 def test_an_adv_cache_entry_stored_first_is_kept_and_writing_it_again_is_no_error(tmp_path):
     """Two processes that computed the same preprocessor-blind batch both write it: the second write
-    keeps the first entry (insert-or-ignore) and still stores its own job's batch."""
+    keeps the first entry (insert-or-ignore) and still stores its own job's batch.
+    """
     db = str(tmp_path / "r.db")
     first, second = Store(db), Store(db)  # two handles on one file, as two processes hold
 

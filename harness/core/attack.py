@@ -82,7 +82,7 @@ class Budget:
         return self.geometry.project(x_adv, x, self.eps)
 
     def scalar_eps(self) -> float:
-        """eps as one float (libraries take one budget per call)."""
+        """Eps as one float (libraries take one budget per call)."""
         if isinstance(self.eps, torch.Tensor):
             if self.eps.numel() and not bool((self.eps == self.eps.flatten()[0]).all()):
                 raise HarnessError("this attack takes one budget per batch, not per-example budgets")
@@ -94,7 +94,8 @@ class Budget:
 class AttackRandomness:
     """Randomness an attack may use: a generator for its own sampling (random starts) and
     a seed for libraries that draw from torch's global generator (run them inside
-    ``torch.random.fork_rng`` seeded with it, so the global stream is left untouched)."""
+    ``torch.random.fork_rng`` seeded with it, so the global stream is left untouched).
+    """
 
     generator: torch.Generator | None
     seed: int

@@ -146,7 +146,8 @@ def config_fields(cls: type) -> dict[str, str]:
 
 def plugin_identity(plugin: Any, base: type) -> dict[str, Any]:
     """What of a configured plugin (defense, attack, shift) enters a job's identity hash:
-    its name, version, config and the sha256 of its source files up to ``base``."""
+    its name, version, config and the sha256 of its source files up to ``base``.
+    """
     return {
         "name": plugin.name,
         "version": plugin.version,

@@ -174,7 +174,7 @@ def _run_one(st: BatchState, pa: PlannedAttack, idx: torch.Tensor, cached: dict 
 
 
 def _keep_warnings(st: BatchState, label: str, caught: list) -> None:
-    """pyautoattack's own checks ("there are N points with zero gradient!") become flags; other warnings are re-emitted."""
+    """Pyautoattack's own checks ("there are N points with zero gradient!") become flags; other warnings are re-emitted."""
     for w in caught:
         if "pyautoattack" in str(w.filename).replace("\\", "/").split("/"):
             st.warned.append(f"{label}: {w.message}")
@@ -221,7 +221,8 @@ def run_attacks(st: BatchState, cached: dict | None) -> None:
 
 def kept_adversarial(st: BatchState) -> tuple[torch.Tensor, list[str | None]]:
     """Per example, the first attack that breaks it under the worst-of-R rule, else the
-    attack with the largest margin; returns the kept images and the breaking attack."""
+    attack with the largest margin; returns the kept images and the breaking attack.
+    """
     names = list(st.advs)
     chosen = torch.stack([st.advs[n].margin for n in names], 1).argmax(1).tolist()
     worst_attack: list[str | None] = [None] * len(st.y)
@@ -240,7 +241,8 @@ def kept_adversarial(st: BatchState) -> tuple[torch.Tensor, list[str | None]]:
 
 def quality_and_detection(st: BatchState, x_adv: torch.Tensor) -> tuple[dict, torch.Tensor, tuple]:
     """PSNR/SSIM of one purification of the clean and of the kept adversarial input against
-    the clean image (for every defense, so they can be compared on it), and the detector."""
+    the clean image (for every defense, so they can be compared on it), and the detector.
+    """
     job, dev = st.job, st.device
     det = (None, None)
     with torch.no_grad():
@@ -260,7 +262,8 @@ def quality_and_detection(st: BatchState, x_adv: torch.Tensor) -> tuple[dict, to
 
 def gradient_check_path(job: ResolvedJob) -> GradientPath | None:
     """The path :func:`flag_checks` takes the input gradient on: the main path if a gradient attack runs on it,
-    else the first gradient attack's path (None: no attack of the plan uses gradients)."""
+    else the first gradient attack's path (None: no attack of the plan uses gradients).
+    """
     grads = [pa.path for pa in job.plan.attacks if pa.attack.needs_gradients]
     if not grads:
         return None

@@ -111,7 +111,8 @@ class JobWriter:
 
     def begin(self) -> set[int]:
         """Mark the job running (unless it is a forced rerun of a finished one); return the
-        batches already stored (to skip)."""
+        batches already stored (to skip).
+        """
         self.t_start = time.perf_counter()
         if self.in_memory:
             return set()

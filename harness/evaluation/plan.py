@@ -173,7 +173,8 @@ def build_plan(defense_cls: type[Defense], spec: ThreatSpec) -> AttackPlan:
 
 def _validate_attack_options(spec: ThreatSpec) -> None:
     """Every ``attack_options`` entry must name a registered attack and a valid option of it,
-    also when that attack is not in this pair's plan (a typo is an error, not silence)."""
+    also when that attack is not in this pair's plan (a typo is an error, not silence).
+    """
     for item in spec.attack_options:
         owner = item.split("=", 1)[0].split(".", 1)[0]
         ATTACKS.get(owner).from_options(spec, spec.options_for_attack(owner))

@@ -250,7 +250,8 @@ def _reference_defense(
     defense_cls: type[Defense], defense: Defense, values: dict, cfg: RunConfig, info, clf, device
 ) -> Defense | None:
     """For ``paired_reference``: the defense trained on the evaluated dataset when the job's was
-    trained on another one (a defense config field ``trained_on``, filled in at setup); else None."""
+    trained on another one (a defense config field ``trained_on``, filled in at setup); else None.
+    """
     trained_on = getattr(defense.config, "trained_on", None)
     if trained_on is None or trained_on == cfg.dataset:
         return None

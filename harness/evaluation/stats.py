@@ -66,7 +66,8 @@ def newcombe_paired_interval(a: int, b: int, c: int, d: int, z: float = 1.959963
 
 def paired_change(after: list[bool], before: list[bool]) -> tuple[float, float, float, int]:
     """Change ``mean(after) - mean(before)`` of per-example outcomes on the same examples, with its
-    95% Newcombe paired interval (:func:`newcombe_paired_interval`); returns (change, lower, upper, n)."""
+    95% Newcombe paired interval (:func:`newcombe_paired_interval`); returns (change, lower, upper, n).
+    """
     if len(after) != len(before):
         raise ValueError(f"paired outcomes need the same examples: {len(after)} vs {len(before)}")
     a = sum(1 for x, y in zip(after, before) if x and y)
@@ -134,7 +135,8 @@ def paired_table(first: list[bool], second: list[bool]) -> dict[str, int]:
 
 def paired_comparison(first: list[bool], second: list[bool]) -> dict:
     """Both accuracies on the same units, their 2x2 table, the difference second - first with its 95%
-    Newcombe interval, and the exact McNemar p-value (:func:`mcnemar_exact`)."""
+    Newcombe interval, and the exact McNemar p-value (:func:`mcnemar_exact`).
+    """
     t = paired_table(first, second)
     n = len(first)
     diff, lo, hi = newcombe_paired_interval(t["both"], t["second_only"], t["first_only"], t["neither"]) if n else (0.0, -1.0, 1.0)

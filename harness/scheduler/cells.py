@@ -119,7 +119,8 @@ def _known(name: str, get) -> bool:
 
 def _culprit(cfg: RunConfig, origins: tuple[str, ...], message: str) -> str | None:
     """Where the ``set`` pair that makes a cell fail was written: the shortest prefix of the
-    cell's overrides whose resolution fails with the same message (None: no ``set`` pair)."""
+    cell's overrides whose resolution fails with the same message (None: no ``set`` pair).
+    """
 
     def fails(n: int) -> bool:
         try:

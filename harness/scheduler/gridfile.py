@@ -117,7 +117,8 @@ _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _co
 @dataclass(frozen=True)
 class AxisEntry:
     """One entry of an axis. ``where`` is its place in the file (``FILE: line N``) and
-    ``set_where`` the place of each of its ``overrides``, for error messages."""
+    ``set_where`` the place of each of its ``overrides``, for error messages.
+    """
 
     name: str
     overrides: tuple[tuple[str, str], ...] = ()

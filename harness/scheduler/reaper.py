@@ -40,7 +40,7 @@ def start_time(pid: int) -> int | None:
 
 
 def descendants(root: int) -> dict[int, int]:
-    """pid -> start time of every living descendant of ``root`` ({} without /proc)."""
+    """Pid -> start time of every living descendant of ``root`` ({} without /proc)."""
     children: dict[int, list[int]] = {}
     starts: dict[int, int] = {}
     try:

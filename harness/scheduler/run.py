@@ -28,7 +28,7 @@ class GridSummary:
     cells: list[Cell] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
-        """state -> number of cells."""
+        """State -> number of cells."""
         out: dict[str, int] = {}
         for c in self.cells:
             out[c.state] = out.get(c.state, 0) + 1

@@ -142,7 +142,8 @@ class SampleRow(Base):
 
 class AdvCacheRow(Base):
     """Adversarial examples that do not depend on the defense (classifier-only attacks),
-    keyed by their own identity, so every defense in a grid reuses them."""
+    keyed by their own identity, so every defense in a grid reuses them.
+    """
 
     __tablename__ = "adv_cache"
 

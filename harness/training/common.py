@@ -83,7 +83,8 @@ def load_resume_checkpoint(path: Path, fingerprint: Any, *, what: str) -> dict |
 @contextmanager
 def stop_on_sigint() -> Iterator[dict]:
     """Ctrl-C asks the training loop to stop at the end of the current step (``flag["asked"]``),
-    so it can checkpoint where ``--resume`` continues bit-identically; a second Ctrl-C aborts."""
+    so it can checkpoint where ``--resume`` continues bit-identically; a second Ctrl-C aborts.
+    """
     flag = {"asked": False}
     restore = None
     if threading.current_thread() is threading.main_thread():

@@ -75,7 +75,7 @@ def _teacher_config(name: str) -> dict:
 
 
 def recipes() -> dict[str, ConsistencyRecipe]:
-    """dataset -> recipe (digits distils its shipped DDPM; the digits CM trains in ~15 min on 2 cores)."""
+    """Dataset -> recipe (digits distils its shipped DDPM; the digits CM trains in ~15 min on 2 cores)."""
     from harness.training.diffusion import small_unet_config
 
     return {

@@ -441,7 +441,6 @@ def reevaluate(
     Returns:
         The updated json dict.
     """
-
     name = weights_name(variant, dataset)
     pt_path, json_path = output_paths(out, name, ".pt", ".json")
     if not (pt_path.is_file() and json_path.is_file()):

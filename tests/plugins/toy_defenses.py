@@ -84,7 +84,8 @@ class SlowConfig(DefenseConfig):
 @register_defense("toy-slow")
 class ToySlow(Defense):
     """Deterministic blur that sleeps ``delay`` seconds per call: a job slow enough to be
-    killed mid-way by the resume test, whatever the speed of the machine."""
+    killed mid-way by the resume test, whatever the speed of the machine.
+    """
 
     Config = SlowConfig
     gradient_paths = frozenset({GradientPath.FULL, GradientPath.BPDA})
