@@ -151,11 +151,16 @@ def scatter_chart(sd: pd.DataFrame) -> alt.LayerChart | None:
     x = alt.X("clean:Q", title="clean accuracy (%)", scale=alt.Scale(zero=False, nice=True))
     y = alt.Y("worst:Q", title="worst-case robust accuracy (%)", scale=alt.Scale(domain=[0, 100]))
     tooltip = ["row:N", alt.Tooltip("clean:Q", format=".1f"), alt.Tooltip("worst:Q", format=".1f"), "worst_threat:N", "evaluation:N"]
-    xerr = base.mark_rule(opacity=0.8, strokeWidth=2).encode(x=alt.X("clean_lo:Q", title="clean accuracy (%)"), x2="clean_hi:Q", y="worst:Q", color=color)
-    yerr = base.mark_rule(opacity=0.8, strokeWidth=2).encode(x="clean:Q", y=alt.Y("worst_lo:Q", title="worst-case robust accuracy (%)"), y2="worst_hi:Q", color=color)
+    xerr = base.mark_rule(opacity=0.8, strokeWidth=2).encode(
+        x=alt.X("clean_lo:Q", title="clean accuracy (%)"), x2="clean_hi:Q", y="worst:Q", color=color,
+    )
+    yerr = base.mark_rule(opacity=0.8, strokeWidth=2).encode(
+        x="clean:Q", y=alt.Y("worst_lo:Q", title="worst-case robust accuracy (%)"), y2="worst_hi:Q", color=color,
+    )
     pts = base.mark_point(filled=True, size=90).encode(
         x=x, y=y, color=color, tooltip=tooltip,
-        shape=alt.Shape("evaluation:N", title="evaluated by", scale=alt.Scale(domain=["adaptive", "non-adaptive only"], range=["circle", "triangle-up"])),
+        shape=alt.Shape("evaluation:N", title="evaluated by",
+                        scale=alt.Scale(domain=["adaptive", "non-adaptive only"], range=["circle", "triangle-up"])),
     )
     layers = [xerr, yerr, pts]
     if len(sd) <= 15:
@@ -171,7 +176,8 @@ def per_threat_chart(pl: pd.DataFrame, threats: list[str]) -> alt.LayerChart | N
     color = alt.Color("threat:N", sort=threats, title="threat model", scale=alt.Scale(scheme="tableau10"))
     base = alt.Chart(pl)
     bars = base.mark_bar().encode(
-        x=x, xOffset=alt.XOffset("threat:N", sort=threats), y=alt.Y("robust:Q", title="robust accuracy (%)", scale=alt.Scale(domain=[0, 100])),
+        x=x, xOffset=alt.XOffset("threat:N", sort=threats),
+        y=alt.Y("robust:Q", title="robust accuracy (%)", scale=alt.Scale(domain=[0, 100])),
         color=color, tooltip=["row:N", "threat:N", alt.Tooltip("robust:Q", format=".1f"), alt.Tooltip("lo:Q", format=".1f"),
                               alt.Tooltip("hi:Q", format=".1f"), "n:Q", "path:N", "eot:Q"],
     )
@@ -245,7 +251,8 @@ def leaderboard_section(b: dict) -> None:
     }
     st.dataframe(table, hide_index=True, column_config=cfg, height=min(38 + 35 * len(table), 560), key="leaderboard")
     n_nonad = int(lb["non_adaptive_only"].sum())
-    st.caption(f"{len(lb)} rows · {int(lb['n_jobs'].sum())} finished jobs" + (f" · ⚠ {n_nonad} row(s) evaluated by non-adaptive threats only" if n_nonad else ""))
+    st.caption(f"{len(lb)} rows · {int(lb['n_jobs'].sum())} finished jobs"
+               + (f" · ⚠ {n_nonad} row(s) evaluated by non-adaptive threats only" if n_nonad else ""))
     c1, c2, _ = st.columns([1, 1, 4])
     c1.download_button("Download CSV", b["csv"], file_name="leaderboard.csv", mime="text/csv", key="dl_csv", on_click="ignore")
     c2.download_button("Download LaTeX", b["latex"], file_name="leaderboard.tex", mime="text/x-tex", key="dl_tex", on_click="ignore")
@@ -267,7 +274,8 @@ def charts_section(b: dict) -> None:
         else:
             st.altair_chart(ch, width="stretch")
             more = f" The first {TOP_SCATTER_ROWS} of {len(lb)} rows are shown: filter to see others." if len(lb) > TOP_SCATTER_ROWS else ""
-            st.caption("One point per leaderboard row; bars are 95% Wilson intervals on both axes. Triangles: non-adaptive threats only." + more)
+            st.caption("One point per leaderboard row; bars are 95% Wilson intervals on both axes. "
+                       "Triangles: non-adaptive threats only." + more)
     with t2:
         ch = per_threat_chart(b["per_threat"], Q.lb_threats(lb))
         if ch is None:
@@ -313,7 +321,10 @@ def drilldown_section(db: str, sig: tuple, b: dict) -> None:
                     "same examples, same budget and seed). It can be lower than the leaderboard's minimum over threats.")
         show = pd.DataFrame({
             "budget": [f"{n} {Q.fmt_eps(e)}" for n, e in zip(pw["norm"], pw["eps"])], "seed": pw["seed"], "threats": pw["threats"],
-            "n": pw["n"], "per-example worst (95% CI)": [Q.fmt_interval(a, lo, hi, n) for a, lo, hi, n in zip(pw["robust"], pw["robust_lo"], pw["robust_hi"], pw["n"])],
+            "n": pw["n"],
+            "per-example worst (95% CI)": [
+                Q.fmt_interval(a, lo, hi, n) for a, lo, hi, n in zip(pw["robust"], pw["robust_lo"], pw["robust_hi"], pw["n"])
+            ],
             "lowest single threat": [f"{100 * v:.1f}%" for v in pw["min_of_threats"]],
         })
         st.dataframe(show, hide_index=True)
@@ -352,7 +363,8 @@ def drilldown_section(db: str, sig: tuple, b: dict) -> None:
             frac = ~show["name"].isin(["mean_linf", "mean_l2", "detection_auc"])
             show["value"] = [f"{100 * v:.2f}%" if f else f"{v:.4g}" for v, f in zip(show["value"], frac)]
             show["95% CI"] = [
-                f"[{100 * lo:.2f}, {100 * hi:.2f}]" if (f and lo is not None and not pd.isna(lo)) else "" for lo, hi, f in zip(m["lower"], m["upper"], frac)
+                f"[{100 * lo:.2f}, {100 * hi:.2f}]" if (f and lo is not None and not pd.isna(lo)) else ""
+                for lo, hi, f in zip(m["lower"], m["upper"], frac)
             ]
             st.dataframe(show[["name", "value", "95% CI", "n"]], hide_index=True)
         t, nfe = d.get("timings") or {}, d.get("nfe") or {}

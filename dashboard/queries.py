@@ -410,7 +410,8 @@ def display_table(lb: pd.DataFrame) -> pd.DataFrame:
         worst.append(("⚠ " + s) if nao else s)
     out["Worst case (95% CI, n, threat, path)"] = worst
     out["Clean (95% CI, n)"] = [
-        fmt_interval(a, lo, hi, n) or "–" for a, lo, hi, n in zip(_col(lb, "clean"), _col(lb, "clean:lo"), _col(lb, "clean:hi"), _col(lb, "clean:n"))
+        fmt_interval(a, lo, hi, n) or "–"
+        for a, lo, hi, n in zip(_col(lb, "clean"), _col(lb, "clean:lo"), _col(lb, "clean:hi"), _col(lb, "clean:n"))
     ]
     for t in threats:
         p = f"robust:{t}"

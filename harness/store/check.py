@@ -164,7 +164,8 @@ def format_rows(rows: list[CheckRow]) -> str:
                 "expected": f(r.expected),
                 "stored": f(r.stored),
                 "diff": "-" if r.stored is None else f"{r.stored - r.expected:+.4f}",
-                "tolerance": f"±{r.tolerance:.4f}" if r.tolerance is not None else (f"[{f(r.lower)}, {f(r.upper)}]" if r.lower is not None else "-"),
+                "tolerance": f"±{r.tolerance:.4f}" if r.tolerance is not None
+                else (f"[{f(r.lower)}, {f(r.upper)}]" if r.lower is not None else "-"),
                 "job": r.job_id or "-",
                 "note": r.note,
             }
