@@ -454,13 +454,13 @@ def tex_escape(s: Any) -> str:
 
 def _tex_cells(acc: pd.Series, lo: pd.Series, hi: pd.Series) -> list[str]:
     out = []
-    for a, l, h in zip(acc.tolist(), lo.tolist(), hi.tolist()):
+    for a, lw, h in zip(acc.tolist(), lo.tolist(), hi.tolist()):
         if a is None or pd.isna(a):
             out.append("--")
-        elif l is None or pd.isna(l) or h is None or pd.isna(h):
+        elif lw is None or pd.isna(lw) or h is None or pd.isna(h):
             out.append(_pct(a))
         else:
-            out.append(rf"{_pct(a)} {{\scriptsize [{_pct(l)}, {_pct(h)}]}}")
+            out.append(rf"{_pct(a)} {{\scriptsize [{_pct(lw)}, {_pct(h)}]}}")
     return out
 
 
