@@ -143,6 +143,7 @@ def _color(field: str, n: int, title: str | None = None, sort=None) -> alt.Color
 
 
 def scatter_chart(sd: pd.DataFrame) -> alt.LayerChart | None:
+    """Clean vs worst-case robust accuracy, one point per leaderboard row with 95% interval bars on both axes (None when empty)."""
     if sd.empty:
         return None
     n_def = sd["defense"].nunique()
@@ -169,6 +170,7 @@ def scatter_chart(sd: pd.DataFrame) -> alt.LayerChart | None:
 
 
 def per_threat_chart(pl: pd.DataFrame, threats: list[str]) -> alt.LayerChart | None:
+    """Grouped bars of robust accuracy per leaderboard row and threat, with 95% interval rules (None when empty)."""
     if pl.empty:
         return None
     order = list(dict.fromkeys(pl.sort_values("rank")["row"]))
@@ -186,6 +188,7 @@ def per_threat_chart(pl: pd.DataFrame, threats: list[str]) -> alt.LayerChart | N
 
 
 def cost_charts(cost: pd.DataFrame) -> tuple[alt.Chart, alt.Chart] | None:
+    """Bar charts of purifier NFEs (symlog) and seconds per example by defense and threat (None when empty)."""
     if cost.empty:
         return None
     tt = ["defense:N", "threat:N", alt.Tooltip("nfe_per_example:Q", format=",.0f"), alt.Tooltip("classifier_per_example:Q", format=",.0f"),
@@ -199,6 +202,7 @@ def cost_charts(cost: pd.DataFrame) -> tuple[alt.Chart, alt.Chart] | None:
 
 
 def curve_chart(curves: pd.DataFrame) -> alt.Chart:
+    """The convergence curves: robust accuracy (%) after each attack iteration, one line per attack."""
     d = curves.assign(accuracy=curves["accuracy"] * 100)
     return (
         alt.Chart(d)
@@ -215,6 +219,7 @@ def curve_chart(curves: pd.DataFrame) -> alt.Chart:
 
 # --------------------------------------------------------------------------- sections
 def sidebar(jobs: pd.DataFrame) -> tuple:
+    """The sidebar's filter multiselects; returns the ((filter, selected values), ...) tuple (empty = all)."""
     opts = Q.filter_options(jobs)
     st.sidebar.header("Filters")
     st.sidebar.caption("Empty = all. Compare like with like: pick one norm and eps per dataset.")
@@ -228,6 +233,7 @@ def sidebar(jobs: pd.DataFrame) -> tuple:
 
 
 def leaderboard_section(b: dict) -> None:
+    """The leaderboard table with its legend and mixed-budget warnings."""
     lb = b["lb"]
     st.subheader("Leaderboard")
     st.caption(
@@ -264,6 +270,7 @@ def leaderboard_section(b: dict) -> None:
 
 
 def charts_section(b: dict) -> None:
+    """The chart tabs: clean vs worst-case robust, robust accuracy per threat, and cost per example."""
     lb = b["lb"]
     st.subheader("Charts")
     t1, t2, t3 = st.tabs(["Clean vs worst-case robust", "Robust accuracy per threat", "Cost per example"])
@@ -305,6 +312,9 @@ def _job_label(r) -> str:
 
 
 def drilldown_section(db: str, sig: tuple, b: dict) -> None:
+    """Pick a leaderboard row and one of its jobs: per-example worst case over its threats, then the job's curves,
+    metrics and cost, configuration, environment, per-example rows and image gallery.
+    """
     lb, jobs, labels = b["lb"], b["jobs"], b["labels"]
     st.subheader("Job drill-down")
     if lb.empty:
@@ -440,6 +450,7 @@ def compare_block(db: str, sig: tuple, jobs: pd.DataFrame, d: dict) -> None:
 
 
 def gallery(data: dict) -> None:
+    """Per stored sample: the clean, adversarial and purified images and the amplified perturbation, with labels and predictions."""
     samples, ex = data["samples"], data["examples"]
     if not samples:
         st.info("No images stored for this job.")
@@ -474,6 +485,7 @@ def gallery(data: dict) -> None:
 
 # --------------------------------------------------------------------------- page
 def main() -> None:
+    """Render the page: read the store (read-only), then the filters, leaderboard, charts and job drill-down."""
     t0 = time.perf_counter()
     st.set_page_config(page_title="Purification leaderboard", page_icon="🛡️", layout="wide")
     db = db_argument()

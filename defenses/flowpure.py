@@ -66,6 +66,7 @@ def weights_name(variant: str, dataset: str) -> str:
 
 
 def train_command(variant: str, dataset: str) -> str:
+    """The command that trains FlowPure weights of ``variant`` on ``dataset`` (for error messages)."""
     return f"harness train flowpure --variant {variant} --dataset {dataset}"
 
 

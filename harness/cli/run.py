@@ -112,6 +112,7 @@ def print_outcome(outcome, url: str) -> None:
 
 
 def cmd_run(args) -> int:
+    """``harness run``: resolve one job, print its plan, and run and store it (with --dry-run, only estimate its cost)."""
     from harness.evaluation import RunConfig, parse_set, resolve, run_job
     from harness.store import Store
 

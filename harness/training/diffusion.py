@@ -62,6 +62,9 @@ class DiffusionRecipe:
 
 
 def small_unet_config(size: int, channels: int, widths: tuple[int, ...], groups: int) -> dict:
+    """``UNet2DModel`` keyword arguments of a small attention-free UNet: ``size`` pixels, ``channels``, one
+    down/up block per width in ``widths``, ``groups`` norm groups.
+    """
     n = len(widths)
     return dict(
         sample_size=size,

@@ -200,6 +200,7 @@ def gauss_sources(x: torch.Tensor, *, sigma_max: float, gen: torch.Generator) ->
 
 
 def make_sources(variant: str, victim, x, y, recipe: FlowPureRecipe, gen: torch.Generator) -> torch.Tensor:
+    """The flow's source images for clean ``x``: PGD or CW adversarial examples against ``victim``, or Gaussian-noised ``x``."""
     if variant == "pgd":
         return pgd_sources(victim, x, y, eps_max=recipe.eps_max, steps=recipe.pgd_steps, gen=gen)
     if variant == "cw":
