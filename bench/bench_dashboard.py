@@ -87,7 +87,8 @@ def build(path: Path, n_jobs: int, seed: int = 0) -> dict:
             id=jid, defense=defense, threat=thr, dataset=ds, classifier=clf, seed=seed_i, n_examples=n, status=status,
             norm="linf", eps=eps, gradient_path=path_, eot_samples=eot if stochastic else 1, eval_draws=10 if stochastic else 1,
             stochastic=stochastic, adaptive=adaptive, identity={**IDENTITY, "i": i, "seed": seed_i},
-            config={**CONFIG, "defense": defense, "threat": thr, "dataset": ds, "classifier": clf}, environment=ENVIRONMENT, timings={"total_s": n * 0.05, "per_example_s": 0.05 * (1 + d % 7)},
+            config={**CONFIG, "defense": defense, "threat": thr, "dataset": ds, "classifier": clf}, environment=ENVIRONMENT,
+            timings={"total_s": n * 0.05, "per_example_s": 0.05 * (1 + d % 7)},
             nfe={"attack_purifications": n * 20 * eot, "eval_purifications": n * 10, "classifier_images": n * 300,
                  "nfe_per_purification": 0 if d == 0 else 100, "purifier_nfe_images": (0 if d == 0 else 100) * n * (20 * eot + 10)},
             reason=None if status == "done" else f"synthetic {status}", created_at=now - timedelta(seconds=n_jobs - i),
@@ -207,8 +208,10 @@ def main() -> int:
     _, out["cost_table_s"] = timed(Q.cost_table, jobs, lb.head(25))
     fj, out["filter_s"] = timed(Q.apply_filters, jobs, dataset=["cifar10"], eps=[8 / 255], threat=["bpda", "adaptive"])
     _, out["leaderboard_filtered_s"] = timed(Q.leaderboard, fj)
-    _, out["job_drilldown_s"] = timed(lambda: (Q.job_detail(engine, lb.iloc[0]["worst:job"]), Q.job_examples(engine, lb.iloc[0]["worst:job"]),
-                                               Q.job_curves(engine, lb.iloc[0]["worst:job"]), Q.job_samples(engine, lb.iloc[0]["worst:job"])))
+    _, out["job_drilldown_s"] = timed(lambda: (Q.job_detail(engine, lb.iloc[0]["worst:job"]),
+                                               Q.job_examples(engine, lb.iloc[0]["worst:job"]),
+                                               Q.job_curves(engine, lb.iloc[0]["worst:job"]),
+                                               Q.job_samples(engine, lb.iloc[0]["worst:job"])))
     engine.dispose()
     out["leaderboard_rows"] = len(lb)
     out["jobs_loaded"] = len(jobs)

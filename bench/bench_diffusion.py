@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "t_star": T_STAR,
         "torch_threads": torch.get_num_threads(),
-        "memory": "cuda max_memory_allocated above pre-step" if args.device.startswith("cuda") else "RSS growth (ru_maxrss - RSS before the step), fresh process each, large blocks mmap'd",
+        "memory": "cuda max_memory_allocated above pre-step" if args.device.startswith("cuda")
+        else "RSS growth (ru_maxrss - RSS before the step), fresh process each, large blocks mmap'd",
         "results": results,
     }
     print(json.dumps(report, indent=1))

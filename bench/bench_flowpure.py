@@ -59,7 +59,8 @@ def main() -> int:
     for variant in VARIANTS:
         d = DEFENSES.get(f"flowpure-{variant}")()
         try:
-            d.setup(SetupContext(classifier=clf, dataset=a.dataset, image_shape=tuple(info.image_shape), num_classes=info.num_classes, device=dev))
+            d.setup(SetupContext(classifier=clf, dataset=a.dataset, image_shape=tuple(info.image_shape), num_classes=info.num_classes,
+                                 device=dev))
         except HarnessError as exc:
             purify_rows.append({"variant": variant, "skipped": str(exc)})
             continue

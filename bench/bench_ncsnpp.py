@@ -101,7 +101,8 @@ def measure(args) -> dict:
     assert torch.isfinite(grad).all()
     full = (cfg.nf, cfg.num_res_blocks) == (128, 8)
     return {
-        "model": f"NCSN++ nf={cfg.nf} num_res_blocks={cfg.num_res_blocks}" + (" (DDPM++ deep continuous)" if full else "") + ", random init",
+        "model": f"NCSN++ nf={cfg.nf} num_res_blocks={cfg.num_res_blocks}" + (" (DDPM++ deep continuous)" if full else "")
+        + ", random init",
         "parameters": n_params, "device": device, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "batch": args.batch, "steps": args.steps, "t_star": args.t_star, "checkpoint": args.checkpoint, "path": "full",
         "grad_step_s": round(secs, 3), "s_per_image_step": round(secs / (args.batch * args.steps), 5),

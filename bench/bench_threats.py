@@ -53,7 +53,8 @@ def main() -> int:
             row["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(job.device) / 2**20, 1)
         row["max_rss_increase_mib"] = round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024, 1)
         results.append(row)
-    json.dump({"bench": "threats", "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}, sys.stdout, indent=1)
+    json.dump({"bench": "threats", "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results},
+              sys.stdout, indent=1)
     print()
     return 0
 

@@ -143,6 +143,7 @@ def _color(field: str, n: int, title: str | None = None, sort=None) -> alt.Color
 
 
 def scatter_chart(sd: pd.DataFrame) -> alt.LayerChart | None:
+    """Clean vs worst-case robust accuracy, one point per leaderboard row with 95% interval bars on both axes (None when empty)."""
     if sd.empty:
         return None
     n_def = sd["defense"].nunique()
@@ -151,11 +152,16 @@ def scatter_chart(sd: pd.DataFrame) -> alt.LayerChart | None:
     x = alt.X("clean:Q", title="clean accuracy (%)", scale=alt.Scale(zero=False, nice=True))
     y = alt.Y("worst:Q", title="worst-case robust accuracy (%)", scale=alt.Scale(domain=[0, 100]))
     tooltip = ["row:N", alt.Tooltip("clean:Q", format=".1f"), alt.Tooltip("worst:Q", format=".1f"), "worst_threat:N", "evaluation:N"]
-    xerr = base.mark_rule(opacity=0.8, strokeWidth=2).encode(x=alt.X("clean_lo:Q", title="clean accuracy (%)"), x2="clean_hi:Q", y="worst:Q", color=color)
-    yerr = base.mark_rule(opacity=0.8, strokeWidth=2).encode(x="clean:Q", y=alt.Y("worst_lo:Q", title="worst-case robust accuracy (%)"), y2="worst_hi:Q", color=color)
+    xerr = base.mark_rule(opacity=0.8, strokeWidth=2).encode(
+        x=alt.X("clean_lo:Q", title="clean accuracy (%)"), x2="clean_hi:Q", y="worst:Q", color=color,
+    )
+    yerr = base.mark_rule(opacity=0.8, strokeWidth=2).encode(
+        x="clean:Q", y=alt.Y("worst_lo:Q", title="worst-case robust accuracy (%)"), y2="worst_hi:Q", color=color,
+    )
     pts = base.mark_point(filled=True, size=90).encode(
         x=x, y=y, color=color, tooltip=tooltip,
-        shape=alt.Shape("evaluation:N", title="evaluated by", scale=alt.Scale(domain=["adaptive", "non-adaptive only"], range=["circle", "triangle-up"])),
+        shape=alt.Shape("evaluation:N", title="evaluated by",
+                        scale=alt.Scale(domain=["adaptive", "non-adaptive only"], range=["circle", "triangle-up"])),
     )
     layers = [xerr, yerr, pts]
     if len(sd) <= 15:
@@ -164,6 +170,7 @@ def scatter_chart(sd: pd.DataFrame) -> alt.LayerChart | None:
 
 
 def per_threat_chart(pl: pd.DataFrame, threats: list[str]) -> alt.LayerChart | None:
+    """Grouped bars of robust accuracy per leaderboard row and threat, with 95% interval rules (None when empty)."""
     if pl.empty:
         return None
     order = list(dict.fromkeys(pl.sort_values("rank")["row"]))
@@ -171,7 +178,8 @@ def per_threat_chart(pl: pd.DataFrame, threats: list[str]) -> alt.LayerChart | N
     color = alt.Color("threat:N", sort=threats, title="threat model", scale=alt.Scale(scheme="tableau10"))
     base = alt.Chart(pl)
     bars = base.mark_bar().encode(
-        x=x, xOffset=alt.XOffset("threat:N", sort=threats), y=alt.Y("robust:Q", title="robust accuracy (%)", scale=alt.Scale(domain=[0, 100])),
+        x=x, xOffset=alt.XOffset("threat:N", sort=threats),
+        y=alt.Y("robust:Q", title="robust accuracy (%)", scale=alt.Scale(domain=[0, 100])),
         color=color, tooltip=["row:N", "threat:N", alt.Tooltip("robust:Q", format=".1f"), alt.Tooltip("lo:Q", format=".1f"),
                               alt.Tooltip("hi:Q", format=".1f"), "n:Q", "path:N", "eot:Q"],
     )
@@ -180,6 +188,7 @@ def per_threat_chart(pl: pd.DataFrame, threats: list[str]) -> alt.LayerChart | N
 
 
 def cost_charts(cost: pd.DataFrame) -> tuple[alt.Chart, alt.Chart] | None:
+    """Bar charts of purifier NFEs (symlog) and seconds per example by defense and threat (None when empty)."""
     if cost.empty:
         return None
     tt = ["defense:N", "threat:N", alt.Tooltip("nfe_per_example:Q", format=",.0f"), alt.Tooltip("classifier_per_example:Q", format=",.0f"),
@@ -193,6 +202,7 @@ def cost_charts(cost: pd.DataFrame) -> tuple[alt.Chart, alt.Chart] | None:
 
 
 def curve_chart(curves: pd.DataFrame) -> alt.Chart:
+    """The convergence curves: robust accuracy (%) after each attack iteration, one line per attack."""
     d = curves.assign(accuracy=curves["accuracy"] * 100)
     return (
         alt.Chart(d)
@@ -209,6 +219,7 @@ def curve_chart(curves: pd.DataFrame) -> alt.Chart:
 
 # --------------------------------------------------------------------------- sections
 def sidebar(jobs: pd.DataFrame) -> tuple:
+    """The sidebar's filter multiselects; returns the ((filter, selected values), ...) tuple (empty = all)."""
     opts = Q.filter_options(jobs)
     st.sidebar.header("Filters")
     st.sidebar.caption("Empty = all. Compare like with like: pick one norm and eps per dataset.")
@@ -222,6 +233,7 @@ def sidebar(jobs: pd.DataFrame) -> tuple:
 
 
 def leaderboard_section(b: dict) -> None:
+    """The leaderboard table with its legend and mixed-budget warnings."""
     lb = b["lb"]
     st.subheader("Leaderboard")
     st.caption(
@@ -245,7 +257,8 @@ def leaderboard_section(b: dict) -> None:
     }
     st.dataframe(table, hide_index=True, column_config=cfg, height=min(38 + 35 * len(table), 560), key="leaderboard")
     n_nonad = int(lb["non_adaptive_only"].sum())
-    st.caption(f"{len(lb)} rows · {int(lb['n_jobs'].sum())} finished jobs" + (f" · ⚠ {n_nonad} row(s) evaluated by non-adaptive threats only" if n_nonad else ""))
+    st.caption(f"{len(lb)} rows · {int(lb['n_jobs'].sum())} finished jobs"
+               + (f" · ⚠ {n_nonad} row(s) evaluated by non-adaptive threats only" if n_nonad else ""))
     c1, c2, _ = st.columns([1, 1, 4])
     c1.download_button("Download CSV", b["csv"], file_name="leaderboard.csv", mime="text/csv", key="dl_csv", on_click="ignore")
     c2.download_button("Download LaTeX", b["latex"], file_name="leaderboard.tex", mime="text/x-tex", key="dl_tex", on_click="ignore")
@@ -257,6 +270,7 @@ def leaderboard_section(b: dict) -> None:
 
 
 def charts_section(b: dict) -> None:
+    """The chart tabs: clean vs worst-case robust, robust accuracy per threat, and cost per example."""
     lb = b["lb"]
     st.subheader("Charts")
     t1, t2, t3 = st.tabs(["Clean vs worst-case robust", "Robust accuracy per threat", "Cost per example"])
@@ -267,7 +281,8 @@ def charts_section(b: dict) -> None:
         else:
             st.altair_chart(ch, width="stretch")
             more = f" The first {TOP_SCATTER_ROWS} of {len(lb)} rows are shown: filter to see others." if len(lb) > TOP_SCATTER_ROWS else ""
-            st.caption("One point per leaderboard row; bars are 95% Wilson intervals on both axes. Triangles: non-adaptive threats only." + more)
+            st.caption("One point per leaderboard row; bars are 95% Wilson intervals on both axes. "
+                       "Triangles: non-adaptive threats only." + more)
     with t2:
         ch = per_threat_chart(b["per_threat"], Q.lb_threats(lb))
         if ch is None:
@@ -297,6 +312,9 @@ def _job_label(r) -> str:
 
 
 def drilldown_section(db: str, sig: tuple, b: dict) -> None:
+    """Pick a leaderboard row and one of its jobs: per-example worst case over its threats, then the job's curves,
+    metrics and cost, configuration, environment, per-example rows and image gallery.
+    """
     lb, jobs, labels = b["lb"], b["jobs"], b["labels"]
     st.subheader("Job drill-down")
     if lb.empty:
@@ -313,7 +331,10 @@ def drilldown_section(db: str, sig: tuple, b: dict) -> None:
                     "same examples, same budget and seed). It can be lower than the leaderboard's minimum over threats.")
         show = pd.DataFrame({
             "budget": [f"{n} {Q.fmt_eps(e)}" for n, e in zip(pw["norm"], pw["eps"])], "seed": pw["seed"], "threats": pw["threats"],
-            "n": pw["n"], "per-example worst (95% CI)": [Q.fmt_interval(a, lo, hi, n) for a, lo, hi, n in zip(pw["robust"], pw["robust_lo"], pw["robust_hi"], pw["n"])],
+            "n": pw["n"],
+            "per-example worst (95% CI)": [
+                Q.fmt_interval(a, lo, hi, n) for a, lo, hi, n in zip(pw["robust"], pw["robust_lo"], pw["robust_hi"], pw["n"])
+            ],
             "lowest single threat": [f"{100 * v:.1f}%" for v in pw["min_of_threats"]],
         })
         st.dataframe(show, hide_index=True)
@@ -352,7 +373,8 @@ def drilldown_section(db: str, sig: tuple, b: dict) -> None:
             frac = ~show["name"].isin(["mean_linf", "mean_l2", "detection_auc"])
             show["value"] = [f"{100 * v:.2f}%" if f else f"{v:.4g}" for v, f in zip(show["value"], frac)]
             show["95% CI"] = [
-                f"[{100 * lo:.2f}, {100 * hi:.2f}]" if (f and lo is not None and not pd.isna(lo)) else "" for lo, hi, f in zip(m["lower"], m["upper"], frac)
+                f"[{100 * lo:.2f}, {100 * hi:.2f}]" if (f and lo is not None and not pd.isna(lo)) else ""
+                for lo, hi, f in zip(m["lower"], m["upper"], frac)
             ]
             st.dataframe(show[["name", "value", "95% CI", "n"]], hide_index=True)
         t, nfe = d.get("timings") or {}, d.get("nfe") or {}
@@ -428,6 +450,7 @@ def compare_block(db: str, sig: tuple, jobs: pd.DataFrame, d: dict) -> None:
 
 
 def gallery(data: dict) -> None:
+    """Per stored sample: the clean, adversarial and purified images and the amplified perturbation, with labels and predictions."""
     samples, ex = data["samples"], data["examples"]
     if not samples:
         st.info("No images stored for this job.")
@@ -462,6 +485,7 @@ def gallery(data: dict) -> None:
 
 # --------------------------------------------------------------------------- page
 def main() -> None:
+    """Render the page: read the store (read-only), then the filters, leaderboard, charts and job drill-down."""
     t0 = time.perf_counter()
     st.set_page_config(page_title="Purification leaderboard", page_icon="🛡️", layout="wide")
     db = db_argument()

@@ -50,6 +50,9 @@ def resolve_db(db: str | None) -> str:
 
 
 def default_headless() -> bool:
+    """Whether to serve without opening a browser: never on macOS or Windows, elsewhere when neither DISPLAY
+    nor WAYLAND_DISPLAY is set.
+    """
     if sys.platform in ("darwin", "win32"):
         return False
     return not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
@@ -72,6 +75,7 @@ def streamlit_command(db: str, port: int = DEFAULT_PORT, headless: bool = True, 
 
 
 def cmd_dashboard(args) -> int:
+    """Serve the dashboard on ``args.db`` with streamlit until it exits or is interrupted; returns its exit status."""
     if not 0 < args.port < 65536:
         raise HarnessError(f"--port {args.port} is out of range (1-65535)")
     if importlib.util.find_spec("streamlit") is None:
@@ -104,6 +108,7 @@ def cmd_dashboard(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``harness dashboard`` on its own (``argv`` or sys.argv); returns the exit status, 2 on a HarnessError."""
     parser = argparse.ArgumentParser(prog="harness")
     add_dashboard_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

@@ -127,11 +127,13 @@ def _columns(engine: Engine, table: str) -> set[str]:
 
 
 def has_jobs_table(engine: Engine) -> bool:
+    """Whether the store has a ``jobs`` table."""
     return inspect(engine).has_table("jobs")
 
 
 # --------------------------------------------------------------------------- jobs
 def metric_names(rule: str = "headline") -> tuple[str, str]:
+    """The (clean, robust) accuracy metric names under scoring ``rule`` (e.g. ``clean_accuracy_majority``)."""
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     suffix = "" if rule == "headline" else f"_{rule}"
@@ -139,6 +141,7 @@ def metric_names(rule: str = "headline") -> tuple[str, str]:
 
 
 def empty_jobs() -> pd.DataFrame:
+    """An empty jobs frame with every column of :func:`load_jobs`."""
     return pd.DataFrame({c: pd.Series(dtype="float64" if c in ("eps",) else "object") for c in JOB_COLUMNS})
 
 
@@ -194,11 +197,13 @@ def load_jobs(engine: Engine, rule: str = "headline") -> pd.DataFrame:
 
 
 def threat_order(threats: Iterable[str]) -> list[str]:
+    """The distinct threat names, the known ones in THREAT_ORDER first, then the others sorted."""
     ts = {t for t in threats if isinstance(t, str)}
     return [t for t in THREAT_ORDER if t in ts] + sorted(ts - set(THREAT_ORDER))
 
 
 def filter_options(jobs: pd.DataFrame) -> dict[str, list]:
+    """The sorted distinct values of every filter column in ``jobs`` (threats in THREAT_ORDER)."""
     out: dict[str, list] = {}
     for f in FILTERS:
         vals = jobs[f].dropna().unique().tolist() if f in jobs else []
@@ -231,6 +236,7 @@ def apply_filters(jobs: pd.DataFrame, **selected: Sequence | None) -> pd.DataFra
 
 
 def fmt_eps(eps: float | None) -> str:
+    """A budget for display: ``8/255`` for a multiple of 1/255 up to 32/255, else 4 significant digits ('-' when missing)."""
     if eps is None or (isinstance(eps, float) and math.isnan(eps)):
         return "-"
     k = eps * 255
@@ -347,6 +353,7 @@ def _pct(v) -> str:
 
 
 def fmt_interval(acc, lo, hi, n) -> str:
+    """``accuracy% [lo%, hi%] n=N`` (parts left out when missing; '' without an accuracy)."""
     if acc is None or pd.isna(acc):
         return ""
     s = _pct(acc)
@@ -358,6 +365,7 @@ def fmt_interval(acc, lo, hi, n) -> str:
 
 
 def fmt_provenance(path, eot, draws) -> str:
+    """``gradient path, EOT k`` plus ``, R r`` when there are several evaluation draws ('' without a path)."""
     if path is None or pd.isna(path):
         return ""
     s = f"{path}, EOT {int(eot) if not pd.isna(eot) else '?'}"
@@ -410,7 +418,8 @@ def display_table(lb: pd.DataFrame) -> pd.DataFrame:
         worst.append(("⚠ " + s) if nao else s)
     out["Worst case (95% CI, n, threat, path)"] = worst
     out["Clean (95% CI, n)"] = [
-        fmt_interval(a, lo, hi, n) or "–" for a, lo, hi, n in zip(_col(lb, "clean"), _col(lb, "clean:lo"), _col(lb, "clean:hi"), _col(lb, "clean:n"))
+        fmt_interval(a, lo, hi, n) or "–"
+        for a, lo, hi, n in zip(_col(lb, "clean"), _col(lb, "clean:lo"), _col(lb, "clean:hi"), _col(lb, "clean:n"))
     ]
     for t in threats:
         p = f"robust:{t}"
@@ -448,18 +457,19 @@ _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#
 
 
 def tex_escape(s: Any) -> str:
+    """``s`` as text with LaTeX's special characters escaped."""
     return "".join(_TEX.get(ch, ch) for ch in str(s))
 
 
 def _tex_cells(acc: pd.Series, lo: pd.Series, hi: pd.Series) -> list[str]:
     out = []
-    for a, l, h in zip(acc.tolist(), lo.tolist(), hi.tolist()):
+    for a, lw, h in zip(acc.tolist(), lo.tolist(), hi.tolist()):
         if a is None or pd.isna(a):
             out.append("--")
-        elif l is None or pd.isna(l) or h is None or pd.isna(h):
+        elif lw is None or pd.isna(lw) or h is None or pd.isna(h):
             out.append(_pct(a))
         else:
-            out.append(rf"{_pct(a)} {{\scriptsize [{_pct(l)}, {_pct(h)}]}}")
+            out.append(rf"{_pct(a)} {{\scriptsize [{_pct(lw)}, {_pct(h)}]}}")
     return out
 
 
@@ -692,6 +702,7 @@ def compare_jobs(engine: Engine, job_a: str, job_b: str) -> dict[str, Any]:
 
 
 def job_detail(engine: Engine, job_id: str) -> dict[str, Any] | None:
+    """The job's ``jobs`` row as a dict (``flags`` None in a store without the column), or None if no such job."""
     with engine.connect() as conn:
         j = Job.__table__
         have = _columns(engine, "jobs")
@@ -700,6 +711,7 @@ def job_detail(engine: Engine, job_id: str) -> dict[str, Any] | None:
 
 
 def job_metrics(engine: Engine, job_id: str) -> pd.DataFrame:
+    """The job's metrics (name, value, lower, upper, n), sorted by name."""
     m = MetricRow.__table__
     with engine.connect() as conn:
         rows = conn.execute(select(m.c.name, m.c.value, m.c.lower, m.c.upper, m.c.n).where(m.c.job_id == job_id).order_by(m.c.name)).all()
@@ -707,6 +719,7 @@ def job_metrics(engine: Engine, job_id: str) -> pd.DataFrame:
 
 
 def job_curves(engine: Engine, job_id: str) -> pd.DataFrame:
+    """The job's convergence curves (attack, iteration, accuracy, n), sorted by attack and iteration."""
     c = CurveRow.__table__
     with engine.connect() as conn:
         rows = conn.execute(
@@ -716,6 +729,7 @@ def job_curves(engine: Engine, job_id: str) -> pd.DataFrame:
 
 
 def job_examples(engine: Engine, job_id: str, limit: int | None = None) -> pd.DataFrame:
+    """The job's per-example rows in position order (at most ``limit``), with the columns this store has."""
     e = ExampleRow.__table__
     have = {c["name"] for c in inspect(engine).get_columns("examples")}  # a store older than a column lacks it
     cols = [c for c in e.c if c.name not in ("id", "job_id") and c.name in have]
@@ -738,6 +752,7 @@ def examples_for_display(ex: pd.DataFrame) -> pd.DataFrame:
 
 
 def job_samples(engine: Engine, job_id: str) -> list[tuple[int, dict[str, np.ndarray]]]:
+    """The job's stored images as (position, {kind: uint8 CHW array}), in position order."""
     s = SampleRow.__table__
     with engine.connect() as conn:
         rows = conn.execute(select(s.c.position, s.c.images).where(s.c.job_id == job_id).order_by(s.c.position)).all()
@@ -745,6 +760,7 @@ def job_samples(engine: Engine, job_id: str) -> list[tuple[int, dict[str, np.nda
 
 
 def majority(preds: Sequence[int]) -> int | None:
+    """The most frequent prediction (the smallest on a tie), or None for no predictions."""
     if not preds:
         return None
     vals, counts = np.unique(np.asarray(preds), return_counts=True)

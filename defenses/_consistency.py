@@ -136,7 +136,9 @@ def load_consistency(path: Path) -> tuple[ConsistencyFunction, dict[str, Any]]:
         recipe = json.loads(recipe_path.read_text())
         unet_config, cm = dict(recipe["unet_config"]), dict(recipe["consistency"])
     except (ValueError, KeyError, TypeError) as exc:
-        raise HarnessError(f"consistency recipe '{recipe_path}' is unreadable or lacks unet_config/consistency: {first_line(exc)}") from None
+        raise HarnessError(
+            f"consistency recipe '{recipe_path}' is unreadable or lacks unet_config/consistency: {first_line(exc)}"
+        ) from None
     digest = sha256_file(path)
     if recipe.get("sha256") and recipe["sha256"] != digest:
         raise HarnessError(f"consistency model '{path}' has sha256 {digest[:12]}..., its recipe says {recipe['sha256'][:12]}...")

@@ -70,6 +70,8 @@ ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 
 @dataclass(frozen=True)
 class CMAPConfig(DefenseConfig):
+    """Options of the CMAP defense (None: the dataset's default, given in each help)."""
+
     model_path: str | None = field(default=None, metadata={"help": "consistency model .pt (with its .json); default: shipped <dataset>-cm"})
     n_latents: int | None = field(default=None, metadata={"help": "N latents per image (CIFAR 8; digits 4)"})
     steps: int | None = field(default=None, metadata={"help": "K Adam steps (CIFAR 100; digits 40)"})

@@ -66,12 +66,17 @@ class COUPConfig(DefenseConfig):
     dt: float | None = field(default=None, metadata={"help": "Euler-Maruyama step (1e-3 official)" + _DATASET_HELP})
     surrogate_steps: int | None = field(default=None, metadata={"help": "solver steps of the 'surrogate' gradient path" + _DATASET_HELP})
     t_end: float = field(default=T_END, metadata={"help": "where the reverse SDE stops"})
-    guidance_scale: float = field(default=1.0, metadata={"help": "lambda, weight of grad log max_y p(y|x) (COUP --lmd_guide; 0 = COUP w/o guidance)"})
+    guidance_scale: float = field(
+        default=1.0, metadata={"help": "lambda, weight of grad log max_y p(y|x) (COUP --lmd_guide; 0 = COUP w/o guidance)"}
+    )
     detach_guidance: bool = field(
         default=False, metadata={"help": "drop the guidance Jacobian from gradients (official adjoint behaviour); false = exact"}
     )
     checkpoint: bool | None = field(
-        default=None, metadata={"help": "checkpointing on the 'full' path (per step; sqrt(N) segments from 32 steps): memory flat in the steps" + _DATASET_HELP}
+        default=None,
+        metadata={
+            "help": "checkpointing on the 'full' path (per step; sqrt(N) segments from 32 steps): memory flat in the steps" + _DATASET_HELP
+        },
     )
     model_path: str | None = field(default=None, metadata={"help": MODEL_PATH_HELP})
     backbone: Backbone = field(default="unet2d", metadata={"help": BACKBONE_HELP})

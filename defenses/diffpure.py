@@ -66,12 +66,17 @@ _DATASET_HELP = "; None = the dataset's default"
 class DiffPureConfig(DefenseConfig):
     """Options of ``diffpure`` (None = the dataset's default, resolved at setup)."""
 
-    t_star: float | None = field(default=None, metadata={"help": "diffusion time t* (0.1 = DiffPure CIFAR-10 linf, 0.075 l2)" + _DATASET_HELP})
+    t_star: float | None = field(
+        default=None, metadata={"help": "diffusion time t* (0.1 = DiffPure CIFAR-10 linf, 0.075 l2)" + _DATASET_HELP}
+    )
     dt: float | None = field(default=None, metadata={"help": "Euler-Maruyama step (1e-3 official: 100 steps at t*=0.1)" + _DATASET_HELP})
     surrogate_steps: int | None = field(default=None, metadata={"help": "solver steps of the 'surrogate' gradient path" + _DATASET_HELP})
     t_end: float = field(default=T_END, metadata={"help": "where the reverse SDE stops"})
     checkpoint: bool | None = field(
-        default=None, metadata={"help": "checkpointing on the 'full' path (per step; sqrt(N) segments from 32 steps): memory flat in the steps" + _DATASET_HELP}
+        default=None,
+        metadata={
+            "help": "checkpointing on the 'full' path (per step; sqrt(N) segments from 32 steps): memory flat in the steps" + _DATASET_HELP
+        },
     )
     model_path: str | None = field(default=None, metadata={"help": MODEL_PATH_HELP})
     backbone: Backbone = field(default="unet2d", metadata={"help": BACKBONE_HELP})
@@ -170,7 +175,10 @@ class DiffPureDDPMConfig(DefenseConfig):
     surrogate_steps: int | None = field(default=None, metadata={"help": "denoising steps of the 'surrogate' gradient path" + _DATASET_HELP})
     eta: float = field(default=1.0, metadata={"help": "1 = DDPM (ancestral), 0 = DDIM (deterministic after the forward noise)"})
     checkpoint: bool | None = field(
-        default=None, metadata={"help": "checkpointing on the 'full' path (per step; sqrt(N) segments from 32 steps): memory flat in the steps" + _DATASET_HELP}
+        default=None,
+        metadata={
+            "help": "checkpointing on the 'full' path (per step; sqrt(N) segments from 32 steps): memory flat in the steps" + _DATASET_HELP
+        },
     )
     model_path: str | None = field(default=None, metadata={"help": MODEL_PATH_HELP})
     backbone: Backbone = field(default="unet2d", metadata={"help": BACKBONE_HELP})

@@ -66,6 +66,7 @@ def weights_name(variant: str, dataset: str) -> str:
 
 
 def train_command(variant: str, dataset: str) -> str:
+    """The command that trains FlowPure weights of ``variant`` on ``dataset`` (for error messages)."""
     return f"harness train flowpure --variant {variant} --dataset {dataset}"
 
 
@@ -173,9 +174,14 @@ class FlowPureConfig(DefenseConfig):
     steps: int = field(default=9, metadata={"help": "Euler steps at defense time, on linspace(t0, 1, steps + 1) (paper: 9)"})
     surrogate_steps: int = field(default=4, metadata={"help": "Euler steps of the 'surrogate' gradient path (DiffHammer: 4)"})
     adjoint_method: Literal["euler", "midpoint", "rk4"] = field(
-        default="euler", metadata={"help": "solver of the adjoint ODE on the 'adjoint' path (euler: the forward's; midpoint/rk4: closer to the exact gradient)"}
+        default="euler",
+        metadata={
+            "help": "solver of the adjoint ODE on the 'adjoint' path (euler: the forward's; midpoint/rk4: closer to the exact gradient)"
+        },
     )
-    weights: str | None = field(default=None, metadata={"help": "a .pt with its .json recipe beside it; default flowpure-<variant>-<dataset>.pt"})
+    weights: str | None = field(
+        default=None, metadata={"help": "a .pt with its .json recipe beside it; default flowpure-<variant>-<dataset>.pt"}
+    )
     weights_sha256: str | None = field(
         default=None, metadata={"help": "sha256 the weights must have; filled in at setup, so it enters the job identity"}
     )
@@ -194,7 +200,9 @@ class GaussFlowPureConfig(FlowPureConfig):
 
     sigma: float = field(
         default=0.15,
-        metadata={"help": f"injected noise std, 0 < sigma <= sigma_max = {SIGMA_MAX}; t_start = 1 - sigma/sigma_max (0.15 = gauss_flowpure_0.15)"},
+        metadata={
+            "help": f"injected noise std, 0 < sigma <= sigma_max = {SIGMA_MAX}; t_start = 1 - sigma/sigma_max (0.15 = gauss_flowpure_0.15)"
+        },
     )
 
     def __post_init__(self):
@@ -251,7 +259,8 @@ class FlowPureBase(TransferMixin, Defense):
             vfield, source, recipe = load_velocity(path, self.config.weights_sha256)
             if recipe.get("variant") not in (None, self.variant):
                 raise HarnessError(
-                    f"FlowPure weights '{path.name}' were trained for variant '{recipe['variant']}'; defense '{self.name}' needs '{self.variant}' weights"
+                    f"FlowPure weights '{path.name}' were trained for variant '{recipe['variant']}'; "
+                    f"defense '{self.name}' needs '{self.variant}' weights"
                 )
             cfg = recipe["unet_config"]
             inner = (cfg.get("in_channels"), cfg.get("sample_size"), cfg.get("sample_size"))

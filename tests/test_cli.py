@@ -21,7 +21,8 @@ def run_cli(args, capsys):
 
 def test_run_json_then_results_and_show(tmp_path, capsys):
     db = str(tmp_path / "r.db")
-    code, out, err = run_cli(["run", "--defense", "none", "--threat", "preprocessor-blind", "--n-examples", "40", "--db", db, "--json"], capsys)
+    code, out, err = run_cli(["run", "--defense", "none", "--threat", "preprocessor-blind", "--n-examples", "40", "--db", db, "--json"],
+                             capsys)
     assert code == 0, err
     j = json.loads(out)
     for k in ("job_id", "status", "defense", "threat", "dataset", "classifier", "n_examples", "clean_accuracy", "robust_accuracy"):

@@ -117,7 +117,8 @@ def test_spellings_of_the_default_budget_are_one_job(threat):
 
 def test_stochastic_defense_scoring_rules_are_ordered(store):
     out = E.run_job(E.resolve(cfg(defense="toy-noise", threat="adaptive", n_examples=24,
-                                  overrides=[("steps", "5"), ("apgd_steps", "5"), ("eot_samples", "2"), ("eval_draws", "5"), ("sigma", "0.3")])),
+                                  overrides=[("steps", "5"), ("apgd_steps", "5"), ("eot_samples", "2"), ("eval_draws", "5"),
+                                             ("sigma", "0.3")])),
                     store, progress=False)
     m = {k: v["value"] for k, v in out.metrics.items()}
     assert out.summary["eot_samples"] == 2 and out.summary["eval_draws"] == 5 and out.summary["gradient_path"] == "full"

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 
 def cmd_check(args) -> int:
+    """``harness check``: compare the store against an accuracy table; returns 1 if a row fails
+    (or, with --fail-on-flags, a matched job is flagged), else 0.
+    """
     from harness.store import Store
     from harness.store.check import check, flagged_cells, format_rows, load_table
 

@@ -30,6 +30,7 @@ def describe(job) -> str:
 
 
 def headline_rule(job) -> str:
+    """The scoring rule a stored job's threat spec names (``worst`` when it names none)."""
     return ((job.config or {}).get("threat_spec") or {}).get("scoring") or "worst"
 
 
@@ -80,6 +81,7 @@ def format_comparison(c: dict) -> str:
 
 
 def cmd_compare(args) -> int:
+    """``harness compare``: print the paired comparison of two jobs (as JSON with --json)."""
     from harness.store import Store
 
     store = Store(args.db, read_only=True)

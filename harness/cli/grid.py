@@ -4,6 +4,9 @@ from __future__ import annotations
 
 
 def cmd_grid(args) -> int:
+    """``harness grid``: plan the grid file's cells against the store and run them (or, with --dry-run, list the plan);
+    returns 1 if a cell failed, else 0.
+    """
     from harness.scheduler import load_grid, plan, run_grid
     from harness.store import Store, resolve_url
     from harness.store.store import store_missing

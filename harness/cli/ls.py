@@ -92,6 +92,7 @@ def _classifiers() -> None:
 
 
 def cmd_ls(args) -> int:
+    """``harness ls``: list the registered plugins of one kind, or of all kinds."""
     from harness.core.plugins import load_builtin, load_plugin
 
     load_builtin()

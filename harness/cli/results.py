@@ -7,6 +7,7 @@ import sys
 
 
 def cmd_results(args) -> int:
+    """``harness results``: print the stored results as a table, CSV or JSON (finished jobs unless --all)."""
     import pandas as pd
 
     from harness.store import Store

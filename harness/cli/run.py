@@ -95,7 +95,8 @@ def print_outcome(outcome, url: str) -> None:
         )
     labels = outcome.summary["attacks"]
     if len(labels) > 1:
-        print("  per attack       " + "  ".join(f"{a} {_pct(m[f'robust_accuracy_{a}']['value'])}" for a in labels if f"robust_accuracy_{a}" in m))
+        print("  per attack       "
+              + "  ".join(f"{a} {_pct(m[f'robust_accuracy_{a}']['value'])}" for a in labels if f"robust_accuracy_{a}" in m))
     if "psnr_clean" in m:
         print(
             f"  image quality    purified vs clean: PSNR {m['psnr_clean']['value']:.2f} dB, SSIM {m['ssim_clean']['value']:.3f} "
@@ -111,6 +112,7 @@ def print_outcome(outcome, url: str) -> None:
 
 
 def cmd_run(args) -> int:
+    """``harness run``: resolve one job, print its plan, and run and store it (with --dry-run, only estimate its cost)."""
     from harness.evaluation import RunConfig, parse_set, resolve, run_job
     from harness.store import Store
 

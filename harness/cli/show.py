@@ -6,6 +6,7 @@ import json
 
 
 def cmd_show(args) -> int:
+    """``harness show``: print one stored job in full as JSON."""
     from harness.cli.compare import find_job
     from harness.store import Store
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 def cmd_train(args) -> int:
+    """``harness train <kind>``: run the chosen trainer on the parsed arguments."""
     return args.trainer.run(args)
 
 

@@ -21,6 +21,7 @@ from harness.core.registry import HarnessError, suggest
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A config dataclass as a JSON-able dict (tuples become lists)."""
     out = dataclasses.asdict(cfg)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
 

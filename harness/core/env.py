@@ -71,6 +71,7 @@ def _version(dist: str) -> str | None:
 
 @lru_cache(maxsize=1)
 def package_versions() -> dict[str, str | None]:
+    """Installed versions of the harness and the IDENTITY_PACKAGES (None when one is not installed)."""
     out = {"harness": harness.__version__}
     out.update({p: _version(p) for p in IDENTITY_PACKAGES})
     return out
@@ -78,6 +79,7 @@ def package_versions() -> dict[str, str | None]:
 
 @lru_cache(maxsize=1)
 def git_sha() -> str | None:
+    """The harness checkout's commit (``-dirty`` with uncommitted changes to tracked files), or None outside git."""
     root = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(
@@ -93,6 +95,7 @@ def git_sha() -> str | None:
 
 
 def environment(device: torch.device | str) -> dict:
+    """Where a job ran: package versions, Python, platform, host, CPU and thread counts, device and its name, git commit."""
     device = torch.device(device)
     env = {
         "packages": {**package_versions(), "sqlalchemy": _version("sqlalchemy"), "robustbench": _version("robustbench")},

@@ -169,7 +169,9 @@ def _run_one(st: BatchState, pa: PlannedAttack, idx: torch.Tensor, cached: dict 
     if not torch.isfinite(res.x_adv).all():
         raise HarnessError(f"attack {pa.label} produced non-finite images (defense '{job.defense.name}' gradients are NaN?)")
     if res.x_adv.shape != st.x[idx].shape or res.margin.shape != (len(idx),):
-        raise HarnessError(f"attack {pa.label} returned shapes {tuple(res.x_adv.shape)}, {tuple(res.margin.shape)} for a batch of {len(idx)}")
+        raise HarnessError(
+            f"attack {pa.label} returned shapes {tuple(res.x_adv.shape)}, {tuple(res.margin.shape)} for a batch of {len(idx)}"
+        )
     return res
 
 
@@ -248,7 +250,8 @@ def quality_and_detection(st: BatchState, x_adv: torch.Tensor) -> tuple[dict, to
     with torch.no_grad():
         if job.spec.detect and job.defense.has_detection_score:
             g = make_generator(dev, derive_seed(st.seed, st.b, "detect"))
-            det = (job.defense.detection_score(st.x, generator=g).float().cpu(), job.defense.detection_score(x_adv, generator=g).float().cpu())
+            det = (job.defense.detection_score(st.x, generator=g).float().cpu(),
+                   job.defense.detection_score(x_adv, generator=g).float().cpu())
         gq = make_generator(dev, derive_seed(st.seed, st.b, "quality"))
         pur_clean = job.defense.purify_along(st.x, None, generator=gq).float()
         pur_adv = job.defense.purify_along(x_adv, None, generator=gq).float()
@@ -435,7 +438,9 @@ def run_batch(
     key = adv_cache_key(job, b)
     adv_entry = None
     if key is not None and cached_adv is None:
-        adv_entry = (key, {n: {"x_adv": r.x_adv.cpu().numpy(), "margin": r.margin.cpu().numpy(), "curve": list(r.curve)} for n, r in st.advs.items()})
+        adv_entry = (key, {
+            n: {"x_adv": r.x_adv.cpu().numpy(), "margin": r.margin.cpu().numpy(), "curve": list(r.curve)} for n, r in st.advs.items()
+        })
     nfe = {
         "attack_purifications": sum(m.purified for m in st.models.values()),
         "eval_purifications": st.eval_model.purified,

@@ -173,7 +173,9 @@ def split_overrides(
         elif rest and owner in ATTACKS:
             out.attack_options.append(f"{key}={value}")
         elif rest:
-            raise HarnessError(f"--set {key}: '{owner}' is not threat, defense, shift or a registered attack{suggest(owner, ATTACKS.names())}")
+            raise HarnessError(
+                f"--set {key}: '{owner}' is not threat, defense, shift or a registered attack{suggest(owner, ATTACKS.names())}"
+            )
         else:
             bare.append((key, value))
     shift_name = out.threat.get("shift", dict(bare).get("shift", default_shift))

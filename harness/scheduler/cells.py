@@ -32,6 +32,8 @@ SKIPPED_ERRORS = (IncompatibleError, MissingFileError)
 
 @dataclass
 class Cell:
+    """One grid cell: its run configuration, the resolved job and its id, and its state (with a reason when skipped or failed)."""
+
     cfg: RunConfig
     job: ResolvedJob | None = None
     job_id: str = ""

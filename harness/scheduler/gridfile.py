@@ -68,7 +68,7 @@ AXIS_KEYS = {
 
 
 class GridError(HarnessError):
-    pass
+    """A mistake in a grid file (the message names the file and line); the grid stops before any job runs."""
 
 
 class _LineLoader(yaml.SafeLoader):

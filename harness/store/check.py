@@ -45,6 +45,8 @@ def job_value(job, column: str):
 
 @dataclass
 class CheckRow:
+    """One accuracy-table row (match key, metric, expected value, tolerance) and the result of checking it."""
+
     key: dict
     metric: str
     expected: float
@@ -72,6 +74,7 @@ def _float(value: str, what: str, line: int, path: str) -> float | None:
 
 
 def load_table(path: str | Path) -> list[CheckRow]:
+    """Read an accuracy table CSV into rows; a one-line error for a missing file, column or number."""
     p = Path(path)
     if not p.is_file():
         raise HarnessError(f"accuracy table {path} does not exist")
@@ -149,6 +152,7 @@ def flagged_cells(rows: list[CheckRow]) -> list[str]:
 
 
 def format_rows(rows: list[CheckRow]) -> str:
+    """The checked rows as a plain-text table (ok/FAIL, key, expected, stored, difference, tolerance, job, note)."""
     import pandas as pd
 
     def f(v):
@@ -164,7 +168,8 @@ def format_rows(rows: list[CheckRow]) -> str:
                 "expected": f(r.expected),
                 "stored": f(r.stored),
                 "diff": "-" if r.stored is None else f"{r.stored - r.expected:+.4f}",
-                "tolerance": f"±{r.tolerance:.4f}" if r.tolerance is not None else (f"[{f(r.lower)}, {f(r.upper)}]" if r.lower is not None else "-"),
+                "tolerance": f"±{r.tolerance:.4f}" if r.tolerance is not None
+                else (f"[{f(r.lower)}, {f(r.upper)}]" if r.lower is not None else "-"),
                 "job": r.job_id or "-",
                 "note": r.note,
             }

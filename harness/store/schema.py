@@ -24,10 +24,14 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 SCHEMA_VERSION = 1
 
 class Base(DeclarativeBase):
-    pass
+    """The declarative base of the store's tables."""
 
 
 class Job(Base):
+    """One job (a defense x threat x dataset x classifier x seed evaluation), keyed by its identity hash:
+    status, resolved configuration, NFE counts, timings and environment.
+    """
+
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -59,6 +63,8 @@ class Job(Base):
 
 
 class BatchRow(Base):
+    """One finished batch of a job: its example count, convergence-curve counts, NFEs and seconds."""
+
     __tablename__ = "batches"
     __table_args__ = (UniqueConstraint("job_id", "batch"),)
 
@@ -73,6 +79,8 @@ class BatchRow(Base):
 
 
 class ExampleRow(Base):
+    """One evaluated example of a job: label, predictions per draw and attack, perturbation norms, outcome flags."""
+
     __tablename__ = "examples"
     __table_args__ = (UniqueConstraint("job_id", "position"),)
 
@@ -106,6 +114,8 @@ class ExampleRow(Base):
 
 
 class MetricRow(Base):
+    """One named metric of a job, with its 95% Wilson interval and number of examples."""
+
     __tablename__ = "metrics"
     __table_args__ = (UniqueConstraint("job_id", "name"),)
 
@@ -119,6 +129,8 @@ class MetricRow(Base):
 
 
 class CurveRow(Base):
+    """One point of a job's convergence curve: robust accuracy after one iteration of one attack."""
+
     __tablename__ = "curves"
     __table_args__ = (UniqueConstraint("job_id", "attack", "iteration"),)
 
@@ -131,6 +143,8 @@ class CurveRow(Base):
 
 
 class SampleRow(Base):
+    """The clean, adversarial and purified images of one example of a job (npz, uint8 CHW), for the dashboard."""
+
     __tablename__ = "samples"
     __table_args__ = (UniqueConstraint("job_id", "position"),)
 
@@ -153,6 +167,8 @@ class AdvCacheRow(Base):
 
 
 class MetaRow(Base):
+    """One key-value setting of the store (the schema version)."""
+
     __tablename__ = "meta"
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)

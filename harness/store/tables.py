@@ -21,6 +21,7 @@ METRICS = ("clean_accuracy", "robust_accuracy", "clean_accuracy_change", "robust
 
 
 def main(argv=None) -> int:
+    """Write the accuracy table of the store's finished jobs to stdout as CSV; returns 0."""
     p = argparse.ArgumentParser(prog="python -m harness.store.tables")
     p.add_argument("--db", required=True)
     p.add_argument("--metrics", default=",".join(METRICS))

@@ -17,6 +17,8 @@ from harness.core.registry import Registry
 
 @dataclass(frozen=True)
 class Trainer:
+    """A ``harness train`` subcommand: its name, help, argument adder and run function (returning the exit status)."""
+
     name: str
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
@@ -33,6 +35,7 @@ TRAINER_MODULES = (
 
 
 def load_trainers() -> Registry[Trainer]:
+    """Import the trainer modules (skipping one that does not exist) and return the registry."""
     for mod in TRAINER_MODULES:
         try:
             importlib.import_module(mod)

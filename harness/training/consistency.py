@@ -301,4 +301,6 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-TRAINERS.register("consistency", Trainer("consistency", "consistency model for CMAP (distilled from the shipped DDPM)", _add_arguments, _run))
+TRAINERS.register(
+    "consistency", Trainer("consistency", "consistency model for CMAP (distilled from the shipped DDPM)", _add_arguments, _run)
+)

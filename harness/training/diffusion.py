@@ -62,6 +62,9 @@ class DiffusionRecipe:
 
 
 def small_unet_config(size: int, channels: int, widths: tuple[int, ...], groups: int) -> dict:
+    """``UNet2DModel`` keyword arguments of a small attention-free UNet: ``size`` pixels, ``channels``, one
+    down/up block per width in ``widths``, ``groups`` norm groups.
+    """
     n = len(widths)
     return dict(
         sample_size=size,
@@ -268,10 +271,12 @@ def train_diffusion(
         "kind": "diffusers.UNet2DModel noise predictor (eps), DDPM linear schedule",
         "unet_config": recipe.unet_config,
         "params": sum(p.numel() for p in ema.parameters()),
-        "schedule": {"betas": "linspace(1e-4, 2e-2, 1000)", "vp_sde": {"beta_min": 0.1, "beta_max": 20.0}, "timestep_input": "n in 0..999 (float)"},
+        "schedule": {"betas": "linspace(1e-4, 2e-2, 1000)", "vp_sde": {"beta_min": 0.1, "beta_max": 20.0},
+                     "timestep_input": "n in 0..999 (float)"},
         "data": {"split": "train", "images": int(len(x_train)), "domain": "2x - 1 in [-1, 1]", "augmentation": None},
         "training": {**{k: v for k, v in asdict(recipe).items() if k not in ("name", "unet_config", "extra")}, "steps": steps,
-                     "optimizer": "Adam", "lr_schedule": f"linear warmup {recipe.warmup} steps, cosine to 0", "loss": "mse(eps_theta(x_n, n), e), n ~ U{0..999}",
+                     "optimizer": "Adam", "lr_schedule": f"linear warmup {recipe.warmup} steps, cosine to 0",
+                     "loss": "mse(eps_theta(x_n, n), e), n ~ U{0..999}",
                      "weights_shipped": "EMA"},
         "seed": seed,
         "torch_version": torch.__version__,

@@ -90,7 +90,8 @@ def _recipes() -> dict[str, FlowPureRecipe]:
     from threat_models.specs import DIGITS_LINF_EPS, MNIST_LINF_EPS
 
     cifar = FlowPureRecipe(
-        unet_config=small_unet_config(32, 3, (64, 128, 128), 32), steps={v: 300_000 for v in VARIANTS}, batch_size=64, lr=2e-4, eps_max=0.05,
+        unet_config=small_unet_config(32, 3, (64, 128, 128), 32), steps={v: 300_000 for v in VARIANTS}, batch_size=64, lr=2e-4,
+        eps_max=0.05,
     )
     return {
         # Each digits variant trains in a few minutes on 2 shared CPU cores.
@@ -199,6 +200,7 @@ def gauss_sources(x: torch.Tensor, *, sigma_max: float, gen: torch.Generator) ->
 
 
 def make_sources(variant: str, victim, x, y, recipe: FlowPureRecipe, gen: torch.Generator) -> torch.Tensor:
+    """The flow's source images for clean ``x``: PGD or CW adversarial examples against ``victim``, or Gaussian-noised ``x``."""
     if variant == "pgd":
         return pgd_sources(victim, x, y, eps_max=recipe.eps_max, steps=recipe.pgd_steps, gen=gen)
     if variant == "cw":
@@ -394,9 +396,11 @@ def train_flowpure(
         "eps_max": recipe.eps_max if variant == "pgd" else None,
         "sigma_max": recipe.sigma_max,
         "cfm": "t ~ U(0,1); x_t = t x1 + (1-t) x0 (x0 = source, x1 = clean); loss mean (v(t, x_t) - (x1 - x0))^2",
-        "data": {"split": "train", "images": int(len(x_train)), "domain": "[0, 1]", "augmentation": None, "pairs": "fresh for every minibatch"},
+        "data": {"split": "train", "images": int(len(x_train)), "domain": "[0, 1]", "augmentation": None,
+                 "pairs": "fresh for every minibatch"},
         "training": {"steps": steps, "batch_size": recipe.batch_size, "optimizer": "Adam", "lr": recipe.lr,
-                     "lr_note": "paper 2e-4 (NCSN++ on CIFAR, 300k steps); raised for the small UNet" if recipe.lr != 2e-4 else "paper value",
+                     "lr_note": "paper 2e-4 (NCSN++ on CIFAR, 300k steps); raised for the small UNet" if recipe.lr != 2e-4
+                     else "paper value",
                      "lr_schedule": None, "ema": None, "grad_clip": None, "ckpt_every": recipe.ckpt_every,
                      **({"note": recipe.note} if recipe.note else {})},
         "seed": seed,
@@ -444,7 +448,10 @@ def reevaluate(
     name = weights_name(variant, dataset)
     pt_path, json_path = output_paths(out, name, ".pt", ".json")
     if not (pt_path.is_file() and json_path.is_file()):
-        raise HarnessError(f"'{pt_path}' and its '{json_path.name}' are needed to re-evaluate; train them with `harness train flowpure --variant {variant} --dataset {dataset}`")
+        raise HarnessError(
+            f"'{pt_path}' and its '{json_path.name}' are needed to re-evaluate; "
+            f"train them with `harness train flowpure --variant {variant} --dataset {dataset}`"
+        )
     record = json.loads(json_path.read_text())
     if record.get("sha256") != sha256_file(pt_path):
         raise HarnessError(f"'{pt_path.name}' does not match the sha256 in '{json_path.name}'; retrain instead of re-evaluating")
@@ -470,9 +477,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.eval_only:
-        rec = reevaluate(args.variant, args.dataset, out=args.out, eval_n=args.eval_n or 256, classifier_weights=args.weights, data_dir=args.data_dir)
+        rec = reevaluate(args.variant, args.dataset, out=args.out, eval_n=args.eval_n or 256, classifier_weights=args.weights,
+                         data_dir=args.data_dir)
         ev = rec["eval"]
-        print(f"{rec['name']}: clean {ev['clean_accuracy']:.4f}, preprocessor-blind robust {ev['robust_accuracy']:.4f} (n={ev['n_examples']}); updated {rec['name']}.json")
+        print(f"{rec['name']}: clean {ev['clean_accuracy']:.4f}, preprocessor-blind robust {ev['robust_accuracy']:.4f} "
+              f"(n={ev['n_examples']}); updated {rec['name']}.json")
         return 0
     rec = train_flowpure(
         args.variant, args.dataset, classifier=args.classifier, classifier_weights=args.weights, data_dir=args.data_dir,
@@ -482,7 +491,8 @@ def _run(args: argparse.Namespace) -> int:
     acc = f"; clean {ev['clean_accuracy']:.4f}, preprocessor-blind robust {ev['robust_accuracy']:.4f} (n={ev['n_examples']})" if ev else ""
     print(
         f"{rec['name']}: {rec['params']} parameters, {rec['training']['steps']} steps in {rec['train_time_s']:.1f}s, "
-        f"final CFM loss {rec['final_loss']}{acc}; wrote {output_paths(args.out, rec['name'], '.pt')[0]} (sha256 {rec['sha256'][:12]}) and {rec['name']}.json"
+        f"final CFM loss {rec['final_loss']}{acc}; wrote {output_paths(args.out, rec['name'], '.pt')[0]} "
+        f"(sha256 {rec['sha256'][:12]}) and {rec['name']}.json"
     )
     return 0
 
