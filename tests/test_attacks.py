@@ -288,6 +288,26 @@ def test_diffhammer_on_a_stochastic_defense_reports_the_any_iterate_worst(tiny_c
     assert model.purified > 0
 
 
+def test_adaptive_runs_diffhammer_only_against_stochastic_defenses():
+    from harness.core.defense import DEFENSES as D
+    from harness.evaluation.plan import build_plan
+    from threat_models.specs import THREATS
+
+    spec = THREATS.get("adaptive").resolve("digits")
+    assert "diffhammer.n_iter=10" in spec.attack_options  # the CPU budget of the digit datasets
+    labels = {name: [p.label for p in build_plan(D.get(name), spec).attacks] for name in ("diffpure", "none", "maep")}
+    assert "diffhammer" in labels["diffpure"] and "diffhammer@bpda" in labels["diffpure"]
+    assert not any(lab.startswith("diffhammer") for lab in labels["none"] + labels["maep"])
+    assert SUITES.get("diffhammer-stochastic").members(False) == ()
+
+
+def test_diffhammer_deterministic_model_is_plain_apgd_with_one_draw(attack_clf, mid_images, mid_labels):
+    sizes = []
+    model = AttackedFunction(lambda x: sizes.append(len(x)) or attack_clf(x))
+    run_attack("diffhammer", "linf", model, mid_images, mid_labels)
+    assert max(sizes) == len(mid_labels)  # one draw per iterate (n_eval=3 would stack 36)
+
+
 # --------------------------------------------------------------------------- scoring
 def test_score_draws_rules():
     preds = torch.tensor([[1, 1, 1], [1, 2, 1], [2, 1, 2], [1, 2, 3]])
