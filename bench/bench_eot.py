@@ -64,7 +64,8 @@ def main() -> int:
             times, calls = [], []
             for rep in range(a.repeat + 1):  # rep 0: warm-up
                 gen = torch.Generator(device=dev).manual_seed(rep)
-                model = DefendedForward(job.defense, job.classifier.module, job.path, gen, eot_samples=k, max_forward=a.max_forward)
+                model = DefendedForward(job.defense, job.classifier.module, job.path, gen, eot_samples=k,
+                                        max_forward=a.max_forward)
                 n_calls = [0]
                 fwd = model.forward
 

@@ -265,7 +265,8 @@ def test_diffhammer_grafts_through_the_selected_draw(tiny_clf, images01, labels)
         if max_forward > B * N:
             xp = d.purify(xin, generator=torch.Generator().manual_seed(7))
         else:
-            xp = torch.cat([d.purify(xin[j * B:(j + 1) * B], generator=torch.Generator().manual_seed(7 + j)) for j in range(N)])
+            xp = torch.cat([d.purify(xin[j * B:(j + 1) * B], generator=torch.Generator().manual_seed(7 + j))
+                            for j in range(N)])
         per = torch.nn.functional.cross_entropy(tiny_clf(xp), labels.repeat(N), reduction="none").view(N, B)
         ref = torch.autograd.grad(per[sel, torch.arange(B)].sum(), xin)[0].view(N, B, *images01.shape[1:]).sum(0)
         torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)

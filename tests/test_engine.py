@@ -125,8 +125,8 @@ def test_stochastic_defense_scoring_rules_are_ordered(store):
     assert m["robust_accuracy_worst"] <= m["robust_accuracy_majority"] + 1e-12
     assert m["robust_accuracy_worst"] <= m["clean_accuracy_worst"] + 1e-12
     # per attack: robust after it and every attack before it (AutoAttack-style, non-increasing)
-    after = [m[f"robust_accuracy_{a}"] for a in ("pgd", "apgd-ce", "apgd-dlr", "diffhammer", "pgd@bpda", "apgd-ce@bpda", "apgd-dlr@bpda",
-                                                 "diffhammer@bpda")]
+    labels = ("pgd", "apgd-ce", "apgd-dlr", "diffhammer", "pgd@bpda", "apgd-ce@bpda", "apgd-dlr@bpda", "diffhammer@bpda")
+    after = [m[f"robust_accuracy_{a}"] for a in labels]
     assert after == sorted(after, reverse=True) and after[-1] == m["robust_accuracy"]
     row = store.example_rows(out.job_id)[0]
     assert len(row.clean_preds) == 5 and next(iter(row.adv_preds)) == "pgd"

@@ -74,7 +74,8 @@ class DiffHammerConfig(AttackConfig):
         default=True, metadata={"help": "deviation 1: keep/count by 'any draw at any iterate' (false: by the best avg fraction)"}
     )
     fresh_surrogate: bool = field(
-        default=False, metadata={"help": "deviation 2: on a surrogate path take a fresh-noise gradient, ignoring EM (vendored FlowPure)"}
+        default=False,
+        metadata={"help": "deviation 2: on a surrogate path take a fresh-noise gradient, ignoring EM (vendored FlowPure)"},
     )
 
     def __post_init__(self):
