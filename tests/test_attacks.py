@@ -29,7 +29,7 @@ def _spec(norm: str) -> ThreatSpec:
     return ThreatSpec(
         name="contract", norm=norm, eps=eps, steps=12, step_size=eps / 4, random_start=True, apgd_steps=12,
         attack_options=("square.n_queries=300", "cw-l2.steps=20", "cw-l2.search_steps=3", "apgd-t.n_target_classes=3",
-                        "fab-t.n_target_classes=3"),
+                        "fab-t.n_target_classes=3", "diffhammer.n_iter=12", "diffhammer.n_eval=3"),
     )
 
 
@@ -197,12 +197,116 @@ def test_logit_averaging_eot_reduce(tiny_clf, images01, labels):
     torch.testing.assert_close(logits, tiny_clf(images01).detach())
 
 
-@pytest.mark.parametrize("name", ["pgd", "apgd-ce", "apgd-dlr", "apgd-t", "toy-fgsm"])
+@pytest.mark.parametrize("name", ["pgd", "apgd-ce", "apgd-dlr", "apgd-t", "toy-fgsm", "diffhammer"])
 def test_eot_attacks_run_on_a_stochastic_model(name, tiny_clf, images01, labels):
     _, fn = _toy_noise_model(tiny_clf, 0)
     model = AttackedFunction(fn, stochastic=True, eot_samples=3)
     _, res, _ = run_attack(name, "l2", model, images01, labels)
     assert (res.x_adv - images01).flatten(1).norm(dim=1).max() <= EPS["l2"] + 1e-5
+
+
+@pytest.mark.parametrize("loss", ["ce", "dlr"])
+def test_batched_eot_in_apgd_is_the_looped_estimator_in_one_call(loss, tiny_clf, images01, labels):
+    """pyautoattack's APGD with the batched-EOT model and eot_iter=1 follows exactly the trajectory of its own
+    K-call loop (the same noise stream on a fixed generator, the mean of per-draw loss gradients), in one call."""
+    from pyautoattack.autopgd_base import APGDAttack
+
+    from threat_models.attacks._pyautoattack import eot_model, pyautoattack, seeded
+
+    pyautoattack()
+    K, n_iter, out = 4, 3, {}
+    for batched in (False, True):
+        _, fn = _toy_noise_model(tiny_clf, 5)
+        calls = []
+        model = AttackedFunction(lambda x, fn=fn, calls=calls: calls.append(len(x)) or fn(x), stochastic=True, eot_samples=K)
+        module, eot_iter = eot_model(model, batched)
+        att = APGDAttack(module, n_iter=n_iter, eps=0.1, norm="Linf", eot_iter=eot_iter, loss=loss, seed=0, device="cpu")
+        if batched:
+            module.bind(att, labels)
+        att.init_hyperparam(images01)
+        with seeded(0, images01.device):
+            out[batched] = (att.attack_single_run(images01.clone(), labels.clone()), calls)
+    (looped, c_loop), (batch, c_batch) = out[False], out[True]
+    for a, b in zip(looped, batch):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-6)
+    assert len(c_loop) == K * (n_iter + 1) and set(c_loop) == {6}  # K calls of B per gradient
+    assert len(c_batch) == n_iter + 1 and set(c_batch) == {6 * K}  # one call of K*B per gradient
+
+
+def test_batched_eot_refuses_another_loss(tiny_clf, images01, labels):
+    from pyautoattack.autopgd_base import APGDAttack
+
+    from threat_models.attacks._pyautoattack import BatchedEOT
+
+    _, fn = _toy_noise_model(tiny_clf, 0)
+    module = BatchedEOT(fn, 3, 1024)
+    module.bind(APGDAttack(module, loss="ce", eps=0.1, device="cpu"), labels)
+    x = images01.clone().requires_grad_(True)
+    with pytest.raises(HarnessError, match="another loss"):
+        torch.autograd.grad(margin(module(x), labels).sum(), x)
+
+
+def test_diffhammer_grafts_through_the_selected_draw(tiny_clf, images01, labels):
+    """The grafted gradient is the VJP of the selected draw's own purification (replayed with its seed),
+    whether the evaluation pass keeps its graph (one chunk) or replays chunk by chunk."""
+    from harness.evaluation.forward import DefendedForward
+    from threat_models.attacks.diffhammer import _Draws, em_select
+
+    d = DEFENSES.get("toy-noise").from_dict({})
+    B, N = len(labels), 3
+    sel = torch.tensor([0, 1, 2, 0, 1, 2])
+    for max_forward in (10_000, B):  # one chunk holding every draw (graph kept) / one draw per chunk (replayed)
+        model = DefendedForward(d, tiny_clf, GradientPath.FULL, torch.Generator().manual_seed(1), max_forward=max_forward)
+        draws = _Draws(model, N, "linf", lambda: 7, False)
+        z, ell, G, chunks = draws.evaluate(images01, labels, "ce", True)
+        r = G.flatten(2)[sel, torch.arange(B)]
+        g = draws.graft(images01, labels, "ce", sel, r, chunks)
+        xin = images01.repeat(N, 1, 1, 1).requires_grad_(True)
+        if max_forward > B * N:
+            xp = d.purify(xin, generator=torch.Generator().manual_seed(7))
+        else:
+            xp = torch.cat([d.purify(xin[j * B:(j + 1) * B], generator=torch.Generator().manual_seed(7 + j))
+                            for j in range(N)])
+        per = torch.nn.functional.cross_entropy(tiny_clf(xp), labels.repeat(N), reduction="none").view(N, B)
+        ref = torch.autograd.grad(per[sel, torch.arange(B)].sum(), xin)[0].view(N, B, *images01.shape[1:]).sum(0)
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(z, tiny_clf(xp).detach().view(N, B, -1), rtol=1e-4, atol=1e-5)
+    s, r = em_select(G.flatten(2), ell, torch.full((B,), 0.1), "linf", lam=5.0, steps=5)
+    assert s.shape == (B,) and r.shape == (B, G[0, 0].numel()) and torch.isfinite(r).all()
+
+
+def test_diffhammer_on_a_stochastic_defense_reports_the_any_iterate_worst(tiny_clf, images01, labels):
+    from harness.evaluation.forward import DefendedForward
+
+    d = DEFENSES.get("toy-noise").from_dict({})
+    model = DefendedForward(d, tiny_clf, GradientPath.FULL, torch.Generator().manual_seed(1), eot_samples=2)
+    model.stochastic = True
+    attack, res, ticks = run_attack("diffhammer", "linf", model, images01, labels)
+    assert ticks == attack.ticks() == 3 * 13
+    assert len(res.curve) == 3 * 13 and all(a >= b for a, b in zip(res.curve, res.curve[1:]))
+    assert res.curve[-1] == int((res.margin <= 0).sum())  # broken by some draw at some iterate <=> margin > 0
+    assert (res.x_adv - images01).abs().max() <= EPS["linf"] + 1e-6
+    assert model.purified > 0
+
+
+def test_adaptive_runs_diffhammer_only_against_stochastic_defenses():
+    from harness.core.defense import DEFENSES as D
+    from harness.evaluation.plan import build_plan
+    from threat_models.specs import THREATS
+
+    spec = THREATS.get("adaptive").resolve("digits")
+    assert "diffhammer.n_iter=10" in spec.attack_options  # the CPU budget of the digit datasets
+    labels = {name: [p.label for p in build_plan(D.get(name), spec).attacks] for name in ("diffpure", "none", "maep")}
+    assert "diffhammer" in labels["diffpure"] and "diffhammer@bpda" in labels["diffpure"]
+    assert not any(lab.startswith("diffhammer") for lab in labels["none"] + labels["maep"])
+    assert SUITES.get("diffhammer-stochastic").members(False) == ()
+
+
+def test_diffhammer_deterministic_model_is_plain_apgd_with_one_draw(attack_clf, mid_images, mid_labels):
+    sizes = []
+    model = AttackedFunction(lambda x: sizes.append(len(x)) or attack_clf(x))
+    run_attack("diffhammer", "linf", model, mid_images, mid_labels)
+    assert max(sizes) == len(mid_labels)  # one draw per iterate (n_eval=3 would stack 36)
 
 
 # --------------------------------------------------------------------------- scoring

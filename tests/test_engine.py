@@ -127,7 +127,8 @@ def test_stochastic_defense_scoring_rules_are_ordered(store):
     assert m["robust_accuracy_worst"] <= m["robust_accuracy_majority"] + 1e-12
     assert m["robust_accuracy_worst"] <= m["clean_accuracy_worst"] + 1e-12
     # per attack: robust after it and every attack before it (AutoAttack-style, non-increasing)
-    after = [m[f"robust_accuracy_{a}"] for a in ("pgd", "apgd-ce", "apgd-dlr", "pgd@bpda", "apgd-ce@bpda", "apgd-dlr@bpda")]
+    labels = ("pgd", "apgd-ce", "apgd-dlr", "diffhammer", "pgd@bpda", "apgd-ce@bpda", "apgd-dlr@bpda", "diffhammer@bpda")
+    after = [m[f"robust_accuracy_{a}"] for a in labels]
     assert after == sorted(after, reverse=True) and after[-1] == m["robust_accuracy"]
     row = store.example_rows(out.job_id)[0]
     assert len(row.clean_preds) == 5 and next(iter(row.adv_preds)) == "pgd"
@@ -152,7 +153,7 @@ def test_cascade_skips_only_examples_lost_under_every_rule(store):
     assert runs["true"].job_id != runs["false"].job_id
     order = [p.label for p in jobs["true"].plan.attacks]
     # the adaptive default: every attack through the exact gradient, then through BPDA
-    assert order == ["pgd", "apgd-ce", "apgd-dlr", "pgd@bpda", "apgd-ce@bpda", "apgd-dlr@bpda"]
+    assert order == ["pgd", "apgd-ce", "apgd-dlr", "diffhammer", "pgd@bpda", "apgd-ce@bpda", "apgd-dlr@bpda", "diffhammer@bpda"]
     rows_on = store.example_rows(runs["true"].job_id)
     assert all(set(e.adv_preds) == set(order) for e in store.example_rows(runs["false"].job_id))
     skipped = 0

@@ -65,6 +65,33 @@ def non_finite_gradient(model) -> HarnessError:
     return HarnessError(f"defense '{defense}' has non-finite input gradients (NaN/inf) on {where}")
 
 
+def eot_draws(
+    model: Model, x: torch.Tensor, y: torch.Tensor, *, eot: int, loss_fn: Callable, max_batch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-draw logits (eot, B, C) and the EOT gradient ``(1/eot) sum_k d/dx sum_b loss_fn(z_k, y)_b``.
+
+    The same estimator as ``eot`` separate calls each differentiating its own loss (the
+    gradient of the mean loss, not of the loss of the mean logits), with the draws stacked
+    along the batch in chunks of at most ``max_batch`` images; each chunk's graph is freed
+    before the next. ``x`` may be a non-leaf (it is detached here).
+    """
+    B = x.shape[0]
+    per_chunk = max(1, min(eot, max_batch // max(B, 1)))
+    xin = x.detach().clone().requires_grad_(True)
+    grad = torch.zeros_like(xin)
+    chunks = []
+    done = 0
+    with torch.enable_grad():
+        while done < eot:
+            k = min(per_chunk, eot - done)
+            logits = model(xin.repeat(k, 1, 1, 1))
+            obj = loss_fn(logits, y.repeat(k)).sum() / eot
+            grad += torch.autograd.grad(obj, xin)[0]
+            chunks.append(logits.detach().view(k, B, -1))
+            done += k
+    return torch.cat(chunks, 0), grad
+
+
 class AttackedFunction(torch.nn.Module):
     """A logits function as an attack's model (the ``AttackedModel`` protocol).
 

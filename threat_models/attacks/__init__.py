@@ -2,7 +2,8 @@
 
 ``pgd`` is the project's own PGD with batched EOT; ``apgd-ce``, ``apgd-dlr``,
 ``apgd-t``, ``fab-t`` and ``square`` are thin adapters over pyautoattack; ``cw-l2`` is
-an adapter over torchattacks' CW with the binary search over the constant.
+an adapter over torchattacks' CW with the binary search over the constant; ``diffhammer``
+is the project's DiffHammer (with the ``diffhammer-stochastic`` suite).
 ``autoattack.py`` composes them into AutoAttack's suites.
 """
 

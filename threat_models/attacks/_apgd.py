@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
-from harness.core.attack import Attack, AttackResult
-from threat_models.attacks._pyautoattack import AsModule, final_margin, pyautoattack, seeded, where_broken
+from dataclasses import dataclass, field
+
+from harness.core.attack import Attack, AttackConfig, AttackResult
+from threat_models.attacks._pyautoattack import eot_model, final_margin, pyautoattack, seeded, where_broken
+
+
+@dataclass(frozen=True)
+class APGDConfig(AttackConfig):
+    eot_batch: bool = field(
+        default=True, metadata={"help": "EOT draws stacked along the batch in one call (false: pyautoattack's own loop)"}
+    )
 
 
 class APGDBase(Attack):
     """One APGD run (1 restart, ``apgd_steps`` iterations, rho 0.75) on loss ``apgd_loss``.
 
-    For a stochastic model pyautoattack averages ``eot_samples`` gradients per iteration
-    (AutoAttack's ``rand`` version), one forward and backward pass per sample.
+    For a stochastic model every gradient averages ``eot_samples`` per-draw loss gradients
+    (AutoAttack's ``rand`` version): stacked along the batch in one call by default
+    (:class:`~threat_models.attacks._pyautoattack.BatchedEOT`), or pyautoattack's loop of
+    one forward and backward pass per draw with ``eot_batch=false``.
     """
 
+    Config = APGDConfig
     apgd_loss = "ce"
-    eot = "looped"
+    eot = "batched"
 
     def ticks(self) -> int:
         return self.spec.apgd_steps
@@ -23,11 +35,14 @@ class APGDBase(Attack):
         pyautoattack()
         from pyautoattack.autopgd_base import APGDAttack
 
+        module, eot_iter = eot_model(model, self.config.eot_batch)
         att = APGDAttack(
-            AsModule(model), n_restarts=1, n_iter=self.spec.apgd_steps, eps=budget.scalar_eps(),
-            norm=budget.geometry.library_name, eot_iter=model.eot_samples, rho=0.75, seed=rng.seed,
+            module, n_restarts=1, n_iter=self.spec.apgd_steps, eps=budget.scalar_eps(),
+            norm=budget.geometry.library_name, eot_iter=eot_iter, rho=0.75, seed=rng.seed,
             loss=self.apgd_loss, device=x.device, verbose=False,
         )
+        if hasattr(module, "bind"):
+            module.bind(att, y)
         att.init_hyperparam(x)
         with seeded(rng.seed, x.device):
             x_best, acc, _loss_best, x_best_adv = att.attack_single_run(x.detach().clone(), y.clone())

@@ -6,7 +6,7 @@ from threat_models.attacks._apgd import APGDBase
 
 @register_attack("apgd-ce")
 class APGDCE(APGDBase):
-    """APGD-CE: apgd_steps iterations, 1 restart; EOT looped by pyautoattack."""
+    """APGD-CE: apgd_steps iterations, 1 restart; EOT batched (one stacked call per gradient)."""
 
-    description = "APGD on cross-entropy (pyautoattack), apgd_steps iterations, 1 restart, looped EOT"
+    description = "APGD on cross-entropy (pyautoattack), apgd_steps iterations, 1 restart, batched EOT"
     apgd_loss = "ce"

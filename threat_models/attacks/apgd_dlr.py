@@ -6,7 +6,7 @@ from threat_models.attacks._apgd import APGDBase
 
 @register_attack("apgd-dlr")
 class APGDDLR(APGDBase):
-    """APGD-DLR: apgd_steps iterations, 1 restart; EOT looped by pyautoattack."""
+    """APGD-DLR: apgd_steps iterations, 1 restart; EOT batched (one stacked call per gradient)."""
 
-    description = "APGD on the DLR loss (pyautoattack), apgd_steps iterations, 1 restart, looped EOT"
+    description = "APGD on the DLR loss (pyautoattack), apgd_steps iterations, 1 restart, batched EOT"
     apgd_loss = "dlr"

@@ -13,13 +13,16 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.core.attack import Attack, AttackConfig, AttackResult, register_attack
-from threat_models.attacks._pyautoattack import AsModule, final_margin, pyautoattack, seeded, where_broken
+from threat_models.attacks._pyautoattack import eot_model, final_margin, pyautoattack, seeded, where_broken
 from threat_models.losses import margin
 
 
 @dataclass(frozen=True)
 class APGDTConfig(AttackConfig):
     n_target_classes: int = field(default=9, metadata={"help": "target classes tried (capped at classes - 1)"})
+    eot_batch: bool = field(
+        default=True, metadata={"help": "EOT draws stacked along the batch in one call (false: pyautoattack's own loop)"}
+    )
 
     def __post_init__(self):
         if self.n_target_classes < 1:
@@ -28,11 +31,11 @@ class APGDTConfig(AttackConfig):
 
 @register_attack("apgd-t")
 class APGDT(Attack):
-    """APGD-T: apgd_steps iterations per target class, 1 restart each; EOT looped by pyautoattack."""
+    """APGD-T: apgd_steps iterations per target class, 1 restart each; EOT batched (``eot_batch``)."""
 
     description = "targeted APGD (DLR-targeted, pyautoattack), apgd_steps iterations x n_target_classes targets"
     Config = APGDTConfig
-    eot = "looped"
+    eot = "batched"
 
     def ticks(self) -> int:
         return self.spec.apgd_steps * self.config.n_target_classes
@@ -45,9 +48,10 @@ class APGDT(Attack):
         with torch.no_grad():
             logits0 = model(x)
         n_t = min(self.config.n_target_classes, logits0.shape[1] - 1)
+        module, eot_iter = eot_model(model, self.config.eot_batch)
         att = APGDAttack_targeted(
-            AsModule(model), n_restarts=1, n_iter=self.spec.apgd_steps, eps=budget.scalar_eps(),
-            norm=budget.geometry.library_name, eot_iter=model.eot_samples, rho=0.75, seed=rng.seed,
+            module, n_restarts=1, n_iter=self.spec.apgd_steps, eps=budget.scalar_eps(),
+            norm=budget.geometry.library_name, eot_iter=eot_iter, rho=0.75, seed=rng.seed,
             n_target_classes=n_t, device=x.device, verbose=False,
         )
         att.init_hyperparam(x)
@@ -63,6 +67,8 @@ class APGDT(Attack):
                 xs, ys = x[idx], y[idx]
                 with torch.no_grad():
                     att.y_target = model(xs).sort(dim=1)[1][:, -target_class]
+                if hasattr(module, "bind"):
+                    module.bind(att, ys)
                 x_b, acc, _loss, x_b_adv = att.attack_single_run(xs, ys)
                 success = acc == 0
                 cand = where_broken(success, x_b_adv, x_b)
