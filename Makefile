@@ -27,8 +27,10 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/harness run --defense none --threat preprocessor-blind
 
-# The whole suite (it includes the smoke grid and the regression check of its table).
+# The whole suite: ruff (pyproject.toml [tool.ruff]), then the tests (they include the smoke
+# grid and the regression check of its table).
 test: $(STAMP)
+	$(BIN)/ruff check .
 	sh dashboard/install_browser.sh
 	$(BIN)/python -m pytest -q -n 2 tests
 

@@ -208,7 +208,8 @@ def test_eot_attacks_run_on_a_stochastic_model(name, tiny_clf, images01, labels)
 @pytest.mark.parametrize("loss", ["ce", "dlr"])
 def test_batched_eot_in_apgd_is_the_looped_estimator_in_one_call(loss, tiny_clf, images01, labels):
     """pyautoattack's APGD with the batched-EOT model and eot_iter=1 follows exactly the trajectory of its own
-    K-call loop (the same noise stream on a fixed generator, the mean of per-draw loss gradients), in one call."""
+    K-call loop (the same noise stream on a fixed generator, the mean of per-draw loss gradients), in one call.
+    """
     from pyautoattack.autopgd_base import APGDAttack
 
     from threat_models.attacks._pyautoattack import eot_model, pyautoattack, seeded
@@ -248,7 +249,8 @@ def test_batched_eot_refuses_another_loss(tiny_clf, images01, labels):
 
 def test_diffhammer_grafts_through_the_selected_draw(tiny_clf, images01, labels):
     """The grafted gradient is the VJP of the selected draw's own purification (replayed with its seed),
-    whether the evaluation pass keeps its graph (one chunk) or replays chunk by chunk."""
+    whether the evaluation pass keeps its graph (one chunk) or replays chunk by chunk.
+    """
     from harness.evaluation.forward import DefendedForward
     from threat_models.attacks.diffhammer import _Draws, em_select
 

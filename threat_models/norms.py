@@ -61,6 +61,8 @@ class Norm:
 
 
 class LInf(Norm):
+    """The l_inf ball: sign steps, elementwise clipping."""
+
     name, library_name = "linf", "Linf"
 
     def distance(self, delta):
@@ -80,6 +82,8 @@ class LInf(Norm):
 
 
 class L2(Norm):
+    """The l_2 ball: normalised steps, projection by rescaling."""
+
     name, library_name = "l2", "L2"
 
     def distance(self, delta):

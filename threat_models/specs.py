@@ -111,7 +111,8 @@ class ThreatSpec:
     batch_size: int = field(default=128, metadata={"help": "examples per attack batch"})
     max_forward: int = field(
         default=1024,
-        metadata={"help": "most images in one defended forward pass (EOT samples and draws are stacked up to it; lower it to fit GPU memory)"},
+        metadata={"help": "most images in one defended forward pass (EOT samples and draws are stacked up to it; "
+                          "lower it to fit GPU memory)"},
     )
     detect: bool = field(default=False, metadata={"help": "store the detection ROC-AUC for defenses with a detection score"})
     paired_reference: bool = field(
@@ -130,7 +131,9 @@ class ThreatSpec:
 
         who = f"threat '{self.name}'"
         if self.norm not in NORMS:
-            raise HarnessError(f"{who}: unknown norm '{self.norm}'{suggest(self.norm, NORMS.names())} (choose from {', '.join(NORMS.names())})")
+            raise HarnessError(
+                f"{who}: unknown norm '{self.norm}'{suggest(self.norm, NORMS.names())} (choose from {', '.join(NORMS.names())})"
+            )
         if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps)) or self.eps <= 0:
             raise HarnessError(f"{who}: eps={self.eps} is out of range (must be > 0)")
         if self.norm == "linf" and self.eps > 1:
@@ -149,7 +152,9 @@ class ThreatSpec:
             if p in ("classifier", "auto"):
                 raise HarnessError(f"{who}: also_paths takes defended paths (bpda, full, adjoint, surrogate), got '{p}'")
         if self.shift not in SHIFTS:
-            raise HarnessError(f"{who}: unknown shift '{self.shift}'{suggest(self.shift, SHIFTS.names())} (available: {', '.join(SHIFTS.names())})")
+            raise HarnessError(
+                f"{who}: unknown shift '{self.shift}'{suggest(self.shift, SHIFTS.names())} (available: {', '.join(SHIFTS.names())})"
+            )
         for k in ("steps", "restarts", "eot_samples", "eval_draws", "batch_size", "apgd_steps", "max_forward"):
             if getattr(self, k) < (0 if k == "steps" else 1):
                 raise HarnessError(f"{who}: {k}={getattr(self, k)} is out of range")

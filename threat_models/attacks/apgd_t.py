@@ -19,6 +19,8 @@ from threat_models.losses import margin
 
 @dataclass(frozen=True)
 class APGDTConfig(AttackConfig):
+    """Options of targeted APGD (``--set apgd-t.KEY=VALUE``)."""
+
     n_target_classes: int = field(default=9, metadata={"help": "target classes tried (capped at classes - 1)"})
     eot_batch: bool = field(
         default=True, metadata={"help": "EOT draws stacked along the batch in one call (false: pyautoattack's own loop)"}

@@ -36,6 +36,8 @@ from threat_models.losses import margin
 
 @dataclass(frozen=True)
 class ConsistencyDisruptionConfig(AttackConfig):
+    """Options of the consistency-disruption attack (``--set consistency-disruption.KEY=VALUE``)."""
+
     gamma: float = field(default=10.0, metadata={"help": "weight of the classifier term (unrecovered; sweep 0.1-100)"})
     steps: int = field(default=50, metadata={"help": "K_atk Adam steps on the latents (spec: up to 200)"})
     eval_every: int = field(default=10, metadata={"help": "full-CMAP evaluation of the candidates every this many steps"})

@@ -32,6 +32,8 @@ from threat_models.attacks._pyautoattack import AsModule, final_margin
 
 @dataclass(frozen=True)
 class CWConfig(AttackConfig):
+    """Options of Carlini-Wagner L2 (``--set cw-l2.KEY=VALUE``)."""
+
     steps: int = field(default=50, metadata={"help": "Adam steps per binary-search step (foolbox: 50)"})
     search_steps: int = field(default=9, metadata={"help": "binary-search steps over the constant (foolbox: 9)"})
     lr: float = field(default=0.01, metadata={"help": "Adam learning rate (foolbox stepsize 0.01)"})

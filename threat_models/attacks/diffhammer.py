@@ -62,6 +62,8 @@ CHECKPOINTS = (0, 0.22, 0.41, 0.57, 0.7, 0.8, 0.87, 0.93)
 
 @dataclass(frozen=True)
 class DiffHammerConfig(AttackConfig):
+    """Options of DiffHammer (``--set diffhammer.KEY=VALUE``); the deviations of spec 7.10 are flags here."""
+
     n_iter: int = field(default=50, metadata={"help": "APGD iterations per restart (DiffHammer: 50)"})
     losses: str = field(default="cw,ce,dlr", metadata={"help": "loss of each restart, comma-separated (DiffHammer: cw,ce,dlr)"})
     n_eval: int = field(default=10, metadata={"help": "purifications per iterate, stacked along the batch (1 if deterministic)"})

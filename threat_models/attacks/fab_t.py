@@ -17,6 +17,8 @@ from threat_models.attacks._pyautoattack import AsModule, final_margin, pyautoat
 
 @dataclass(frozen=True)
 class FABTConfig(AttackConfig):
+    """Options of targeted FAB (``--set fab-t.KEY=VALUE``)."""
+
     n_target_classes: int = field(default=9, metadata={"help": "target classes tried (capped at classes - 1)"})
     alpha_max: float = field(default=0.1, metadata={"help": "FAB alpha_max"})
     eta: float = field(default=1.05, metadata={"help": "FAB overshooting"})

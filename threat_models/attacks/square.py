@@ -15,6 +15,8 @@ from threat_models.attacks._pyautoattack import AsModule, final_margin, pyautoat
 
 @dataclass(frozen=True)
 class SquareConfig(AttackConfig):
+    """Options of the Square attack (``--set square.KEY=VALUE``)."""
+
     n_queries: int = field(default=5000, metadata={"help": "queries per example (AutoAttack: 5000)"})
     p_init: float = field(default=0.8, metadata={"help": "initial fraction of pixels changed per square"})
 

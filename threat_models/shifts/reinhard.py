@@ -36,6 +36,8 @@ from threat_models.shifts._color import as_rgb, from_rgb, lalphabeta_to_rgb, mat
 
 @dataclass(frozen=True)
 class ReinhardConfig(ShiftConfig):
+    """Options of the Reinhard colour transfer (``--set space=lab``)."""
+
     space: Literal["lalphabeta", "lab"] = field(
         default="lalphabeta", metadata={"help": "lalphabeta: Reinhard's log-LMS space (default); lab: CIE L*a*b* (kornia)"}
     )
