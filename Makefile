@@ -38,7 +38,7 @@ test: $(STAMP)
 SMOKE_DB ?= $(VENV)/smoke.db
 smoke: $(STAMP)
 	rm -f $(SMOKE_DB) $(SMOKE_DB)-wal $(SMOKE_DB)-shm
-	$(BIN)/harness grid grids/smoke.yaml --db $(SMOKE_DB) --threads 1
+	$(BIN)/harness grid grids/smoke.yaml --db $(SMOKE_DB) --devices cpu,cpu --threads 1
 	$(BIN)/harness check tables/smoke.csv --db $(SMOKE_DB)
 
 clean:

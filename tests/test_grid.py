@@ -326,3 +326,22 @@ classifiers:
     assert "no-such-cifar' does not exist" in reasons["none x preprocessor-blind x cifar10 x resnet20"]
     assert "has no EOT" in reasons["cmap x bpda x digits x default"]  # CMAP is stochastic too
     assert out.rstrip().endswith("summary: pending 7, skipped 11")
+
+
+def test_workers_starting_together_compute_a_shared_attack_once(tmp_path, capsys):
+    """Three defenses under preprocessor-blind on two local workers: one runs the attack, two reuse it."""
+    g = write(tmp_path, """
+n_examples: 64
+seeds: [0]
+set: {batch_size: 32, threat.steps: 400, eval_draws: 1}
+defenses: [none, maep, flowpure-pgd]
+threats: [preprocessor-blind]
+datasets: [digits]
+""")
+    db = str(tmp_path / "r.db")
+    assert main(["grid", str(g), "--db", db, "--devices", "cpu,cpu", "--threads", "1"]) == 0
+    jobs = Store(db, read_only=True).jobs()
+    assert len(jobs) == 3 and all(j.status == "done" for j in jobs)
+    reused = sorted(j.nfe["adv_reused"] for j in jobs)
+    assert reused == [0, 2, 2], reused  # two batches each: computed once, reused by the two others
+    # (400 steps: long enough that without the ordering both workers would attack at once)

@@ -26,11 +26,30 @@ from harness.store import Store
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """One job for a worker: its id (to check on the worker), how to resolve it, batches to skip."""
+    """One job for a worker: its id (to check on the worker), how to resolve it, batches to skip.
+
+    ``after``: the job whose shareable adversarial examples (preprocessor-blind: they do not
+    depend on the defense) this one reuses; it starts only when that job has ended, so that
+    workers starting together never compute the same attack twice.
+    """
 
     job_id: str
     cfg: RunConfig
     skip: tuple[int, ...] = ()
+    after: str | None = None
+
+
+def split_held(tasks: list[Task]) -> tuple[list[Task], dict[str, list[Task]]]:
+    """The tasks to start now, and job id -> the tasks held until that job ends."""
+    ready: list[Task] = []
+    held: dict[str, list[Task]] = {}
+    ids = {t.job_id for t in tasks}
+    for t in tasks:
+        if t.after is not None and t.after in ids:
+            held.setdefault(t.after, []).append(t)
+        else:
+            ready.append(t)
+    return ready, held
 
 def _die_with_parent() -> None:
     """Linux: make a worker die when the grid process dies (even by SIGKILL)."""
@@ -92,12 +111,19 @@ class LocalExecutor:
         procs = [ctx.Process(target=_worker_main, args=(d, tasks, results, threads, store_url), daemon=True) for d in self.devices]
         for p in procs:
             p.start()
-        pending = 0
-        for t in tasks_in:
-            tasks.put((t.job_id, t.cfg, list(t.skip)))
-            pending += 1
-        for _ in procs:
-            tasks.put(None)
+        ready, held = split_held(tasks_in)
+        pending, closed = len(tasks_in), False
+
+        def submit(ts: list[Task]) -> None:
+            nonlocal closed
+            for t in ts:
+                tasks.put((t.job_id, t.cfg, list(t.skip)))
+            if not held and not closed:  # nothing held back: each worker ends after the queue
+                for _ in procs:
+                    tasks.put(None)
+                closed = True
+
+        submit(ready)
         try:
             while pending:
                 try:
@@ -109,6 +135,7 @@ class LocalExecutor:
                 on_event(kind, job_id, b, payload)
                 if kind in ("done", "error"):
                     pending -= 1
+                    submit(held.pop(job_id, []))
         finally:
             for p in procs:
                 if p.is_alive():
@@ -153,10 +180,15 @@ class RayExecutor:
                         reaper.track(force=True)
             task = ray.remote(num_returns="streaming")(_ray_job)
             gens = {}
-            for t in tasks_in:
-                opts = {"num_gpus": self.gpus_per_job, "num_cpus": 1}
-                ref = task.options(**opts).remote(t.job_id, t.cfg, list(t.skip), store_url, self.gpus_per_job > 0, self.threads or 1)
-                gens[ref] = t.job_id
+            ready, held = split_held(tasks_in)
+
+            def submit(ts: list[Task]) -> None:
+                for t in ts:
+                    opts = {"num_gpus": self.gpus_per_job, "num_cpus": 1}
+                    ref = task.options(**opts).remote(t.job_id, t.cfg, list(t.skip), store_url, self.gpus_per_job > 0, self.threads or 1)
+                    gens[ref] = t.job_id
+
+            submit(ready)
             while gens:
                 if reaper is not None:
                     reaper.track()  # task workers start as tasks are scheduled
@@ -168,6 +200,7 @@ class RayExecutor:
                     except StopIteration:
                         del gens[gen]
                         on_event("done", job_id, None, None)
+                        submit(held.pop(job_id, []))
                         continue
                     try:
                         b, payload = ray.get(ref)
@@ -175,6 +208,7 @@ class RayExecutor:
                         del gens[gen]
                         cause = getattr(exc, "cause", None) or exc
                         on_event("error", job_id, None, str(cause).splitlines()[0] if str(cause) else type(cause).__name__)
+                        submit(held.pop(job_id, []))
                         continue
                     on_event("batch", job_id, b, payload)
         finally:

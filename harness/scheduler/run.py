@@ -14,6 +14,7 @@ from typing import Any
 
 from harness.core.registry import HarnessError, suggest
 from harness.evaluation import JobWriter
+from harness.evaluation.batch import adv_cache_key
 from harness.evaluation.lifecycle import freeze_gc
 from harness.scheduler.cells import Cell, plan
 from harness.scheduler.executors import LocalExecutor, RayExecutor, Task
@@ -44,6 +45,26 @@ def _record_skips(cells: list[Cell], store: Store, log) -> None:
                 classifier=c.cfg.classifier or "default", seed=c.cfg.seed, n_examples=c.cfg.n_examples or 0,
                 identity={"run_config": dataclasses.asdict(c.cfg)}, config={"run_config": dataclasses.asdict(c.cfg)},
             )
+
+
+def _leaders(todo: list[Cell], store: Store) -> list[str | None]:
+    """Per pending cell, the earlier cell whose adversarial examples it will reuse (None: it computes its own).
+
+    Cells whose attack does not depend on the defense (:func:`adv_cache_key`, e.g. every
+    defense under preprocessor-blind on one dataset) share one attack: the first of them
+    runs it, the others start when it has ended and read its examples from the store,
+    however many workers there are. Already cached examples need no leader.
+    """
+    first: dict[str, str] = {}
+    out: list[str | None] = []
+    for c in todo:
+        key = adv_cache_key(c.job, 0)
+        if key is None or store.get_adv(key) is not None:
+            out.append(None)
+            continue
+        out.append(first.get(key))
+        first.setdefault(key, c.job_id)
+    return out
 
 
 def _executor(executor: str, devices: list[str] | None, address: str | None, ray_cpus: int | None, threads: int | None):
@@ -89,7 +110,8 @@ def run_grid(
     todo = [c for c in cells if c.state == "pending"]
     writers = {c.job_id: JobWriter(store, c.job, force=force) for c in todo}
     by_id = {c.job_id: c for c in todo}
-    tasks = [Task(c.job_id, c.cfg, tuple(sorted(writers[c.job_id].begin()))) for c in todo]
+    leaders = _leaders(todo, store)
+    tasks = [Task(c.job_id, c.cfg, tuple(sorted(writers[c.job_id].begin())), after=lead) for c, lead in zip(todo, leaders, strict=True)]
 
     def on_event(kind: str, job_id: str, b: int | None, payload: Any) -> None:
         cell, writer = by_id[job_id], writers[job_id]
