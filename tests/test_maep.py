@@ -107,9 +107,10 @@ def test_tiling_errors_are_one_line(shipped):
     with pytest.raises(HarnessError, match="tile=off") as e:
         off.purify(torch.rand(1, 1, 16, 16))
     assert "\n" not in str(e.value)
-    # setup refuses a dataset whose images cannot be tiled, before any attack runs
+    # without an adapter (adapter=none), setup refuses a dataset whose images cannot be tiled,
+    # before any attack runs (adapter=auto resizes them to a multiple of 8 first)
     with pytest.raises(HarnessError, match="multiples of 8"):
-        M.MAEP().use_model(shipped.net).setup(_ctx(dataset="mnist5k", shape=(1, 28, 28)))
+        M.MAEP.from_dict({"adapter": "none"}).use_model(shipped.net).setup(_ctx(dataset="mnist5k", shape=(1, 28, 28)))
 
 
 def test_setup_records_tiling_and_weights_in_config(shipped, recipe):

@@ -506,8 +506,9 @@ def test_ncsnpp_is_found_in_the_weights_dir_and_missing_files_are_one_line_error
     d = COUP.from_dict({**FAST["coup"], "backbone": "ncsnpp"})
     d.setup(_cifar_ctx(tmp_path / "w", _clf()))
     assert d.backbone_source["name"] == "checkpoint_8.pth"
-    with pytest.raises(HarnessError, match="takes 3x32x32 images but dataset 'digits' has 1x8x8"):
-        DiffPure.from_dict({"backbone": "ncsnpp", "model_path": str(tmp_path / "w" / "score_sde" / "checkpoint_8.pth")}).setup(
+    with pytest.raises(HarnessError, match="takes 3x32x32 images but 'digits' has 1x8x8"):
+        DiffPure.from_dict({"backbone": "ncsnpp", "adapter": "none",
+                            "model_path": str(tmp_path / "w" / "score_sde" / "checkpoint_8.pth")}).setup(
             SetupContext(classifier=None, dataset="digits", image_shape=(1, 8, 8), num_classes=10))
     # nothing in the weights dir: the message names the place and the source
     with pytest.raises(HarnessError) as err:

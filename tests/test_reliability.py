@@ -229,7 +229,9 @@ def wait_for_rows(db: Path, n: int, proc: subprocess.Popen, timeout: float = 300
 
 def test_ctrl_c_stops_a_grid_cleanly_and_keeps_every_finished_batch(tmp_path):
     g = tmp_path / "g.yaml"
-    g.write_text(SLOW)
+    # 0.1 s per purification: on a loaded machine the second job must still be running
+    # (about 8 s of it left) when the poll below has seen its first batch and sends SIGINT
+    g.write_text(SLOW.replace("delay: 0.05", "delay: 0.1"))
     db = tmp_path / "r.db"
     proc = subprocess.Popen(CLI + ["grid", str(g), "--db", str(db)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)

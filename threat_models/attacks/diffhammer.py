@@ -211,6 +211,13 @@ class DiffHammer(Attack):
     def ticks(self) -> int:
         return (self.config.n_iter + 1) * len(self.config.loss_list)
 
+    def model_calls(self, eot: int) -> int:
+        """An upper bound for ``--dry-run``: per restart and iterate, ``n_eval`` stacked purifications,
+        and as many again to replay the selected draws for the grafted gradient (not needed
+        through ``full`` or ``bpda``, and one draw for a deterministic defense).
+        """
+        return self.ticks() * 2 * self.config.n_eval
+
     def run(self, model, x, y, budget, rng, progress):
         cfg, geo = self.config, budget.geometry
         x, B = x.detach(), x.shape[0]
