@@ -101,7 +101,7 @@ def sweep_sigma(args) -> dict:
     out, store = {}, Store("sqlite://")
     for s in (0.1, 0.25, 0.5, 1.0, 2.0, 5.0):
         cfg = RunConfig(defense="cmap", threat="adaptive", n_examples=args.n, overrides=(
-            ("gradient_path", "surrogate"), ("also_paths", ""), ("attacks", "pgd"), ("steps", str(args.pgd_steps)),
+            ("gradient_path", "surrogate"), ("also_paths", ""), ("attacks", "pgd"), ("threat.steps", str(args.pgd_steps)),
             ("eval_draws", "4"), ("sigma_a", str(s)),
         ))
         res = run_job(resolve(cfg), store, progress=False)
