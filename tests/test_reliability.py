@@ -229,9 +229,12 @@ def wait_for_rows(db: Path, n: int, proc: subprocess.Popen, timeout: float = 300
 
 def test_ctrl_c_stops_a_grid_cleanly_and_keeps_every_finished_batch(tmp_path):
     g = tmp_path / "g.yaml"
-    # 0.1 s per purification: on a loaded machine the second job must still be running
-    # (about 8 s of it left) when the poll below has seen its first batch and sends SIGINT
-    g.write_text(SLOW.replace("delay: 0.05", "delay: 0.1"))
+    # a fast job, then a job ten times slower: on a loaded machine the second must still be
+    # running (tens of seconds of it left) when the poll below has seen its first batch
+    g.write_text(SLOW.replace("seeds: [0, 1]", "seeds: [0]").replace(
+        "  - name: toy-slow  # a slow job, so that the grid is caught mid-job\n    set: {delay: 0.05}\n",
+        "  - name: toy-slow\n    set: {delay: 0.02}\n  - name: toy-slow  # caught mid-job\n    set: {delay: 0.2}\n"))
+    assert "delay: 0.2" in g.read_text()
     db = tmp_path / "r.db"
     proc = subprocess.Popen(CLI + ["grid", str(g), "--db", str(db)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
