@@ -235,8 +235,9 @@ def test_ctrl_c_stops_a_grid_cleanly_and_keeps_every_finished_batch(tmp_path):
                  .replace("delay: 0.05", "delay: 0.1"))
     assert "delay: 0.1" in g.read_text() and "n_examples: 80" in g.read_text()
     db = tmp_path / "r.db"
+    # the default SIGINT disposition in the child, whatever the test process inherited
     proc = subprocess.Popen(CLI + ["grid", str(g), "--db", str(db)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for_rows(db, 16, proc)  # two batches stored, eight to go
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the grid and its workers
     _, err = proc.communicate(timeout=120)
