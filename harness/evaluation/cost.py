@@ -57,8 +57,9 @@ def estimate_nfe(job: ResolvedJob) -> dict[str, Any]:
     ref_pur = attack_pur + eval_pur if ref else 0
     # the flag checks: one gradient probe on its path (a purification unless it is the
     # classifier alone), and one more purification of a deterministic defense
-    grads = [pa.path for pa in job.plan.attacks if pa.attack.needs_gradients]
-    probe = (job.path if job.path in grads else grads[0]) if grads else None
+    from harness.evaluation.batch import gradient_check_path  # the path flag_checks probes
+
+    probe = gradient_check_path(job)
     flag_pur = (n if probe is not None and probe is not GradientPath.CLASSIFIER else 0) + (0 if job.defense.stochastic else n)
     exact = len(job.plan.attacks) <= 1
     return {
