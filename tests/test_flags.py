@@ -85,6 +85,16 @@ def test_pgd_refuses_a_nan_gradient_of_any_model():
         pgd(model, torch.rand(2, 1, 2, 2), torch.tensor([0, 1]), norm="linf", eps=0.1, steps=2, step_size=0.05)
 
 
+def test_all_finite_is_exactly_isfinite_all():
+    from harness.core.numerics import all_finite
+
+    big = torch.full((4,), 3e38)  # finite values whose sum overflows: still finite
+    cases = [torch.zeros(3), big, torch.empty(0), torch.tensor([1.0, float("nan")]), torch.tensor([float("inf"), 0.0]),
+             torch.tensor([float("inf"), float("-inf")]), torch.rand(2, 3, requires_grad=True)]
+    for t in cases:
+        assert all_finite(t) == bool(torch.isfinite(t).all()), t
+
+
 # --------------------------------------------------------------------------- flags
 def test_not_converged_reads_the_last_tenth_of_the_curve():
     falling = [(1 - i / 20, 8) for i in range(21)]

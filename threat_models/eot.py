@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from harness.core.numerics import all_finite
 from harness.core.registry import HarnessError
 from threat_models.losses import attack_loss, margin
 
@@ -35,10 +36,10 @@ def eot_forward(
     with torch.set_grad_enabled(need_grad):
         while done < eot:
             k = min(per_chunk, eot - done)
-            logits = model(xin.repeat(k, 1, 1, 1)).view(k, B, -1)
+            logits = model(xin if k == 1 else xin.repeat(k, 1, 1, 1)).view(k, B, -1)
             if need_grad and reduce == "loss":
                 # the mean of per-sample losses decomposes over chunks: free each chunk's graph
-                obj = attack_loss(loss, logits.reshape(k * B, -1), y.repeat(k)).sum() / eot
+                obj = attack_loss(loss, logits.reshape(k * B, -1), y if k == 1 else y.repeat(k)).sum() / eot
                 grad += torch.autograd.grad(obj, xin)[0]
                 logits = logits.detach()
             chunks.append(logits)
@@ -47,7 +48,7 @@ def eot_forward(
         if need_grad and reduce == "logits":
             # the loss of averaged logits does not decompose: one backward over all chunks
             grad = torch.autograd.grad(attack_loss(loss, mean_logits, y).sum(), xin)[0]
-    if need_grad and not torch.isfinite(grad).all():
+    if need_grad and not all_finite(grad):
         raise non_finite_gradient(model)
     mean_logits = mean_logits.detach()
     return mean_logits, margin(mean_logits, y), grad
@@ -85,7 +86,7 @@ def eot_draws(
         while done < eot:
             k = min(per_chunk, eot - done)
             logits = model(xin.repeat(k, 1, 1, 1))
-            obj = loss_fn(logits, y.repeat(k)).sum() / eot
+            obj = loss_fn(logits, y if k == 1 else y.repeat(k)).sum() / eot
             grad += torch.autograd.grad(obj, xin)[0]
             chunks.append(logits.detach().view(k, B, -1))
             done += k

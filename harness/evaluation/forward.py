@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from harness.core.defense import Defense, GradientPath
+from harness.core.numerics import all_finite
 from harness.core.registry import HarnessError
 from harness.store.codec import dumps
 from threat_models.eot import eot_forward, non_finite_gradient
@@ -39,7 +40,7 @@ class _FiniteGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        if not torch.isfinite(g).all():
+        if not all_finite(g):
             raise non_finite_gradient(ctx.model)
         return g, None
 
@@ -77,7 +78,7 @@ class DefendedForward(nn.Module):
             return self.classifier(x)
         self.purified += x.shape[0]
         logits = self.defense.classify(x, self.classifier, path=self.path, generator=self.generator)
-        if not torch.isfinite(logits).all():
+        if not all_finite(logits):
             where = "evaluation" if self.path is None else f"{self.path.value} path"
             raise HarnessError(f"defense '{self.defense.name}' produced non-finite outputs (NaN/inf) on the {where}")
         return logits
