@@ -679,7 +679,7 @@ def compare_jobs(engine: Engine, job_a: str, job_b: str) -> dict[str, Any]:
     (the 2x2 table, both accuracies, the Newcombe interval of B - A, the exact McNemar p-value). ``n_shared`` 0
     when they share no example.
     """
-    from harness.evaluation.stats import paired_comparison
+    from harness.evaluation.stats import paired_jobs
 
     j, e = Job.__table__, ExampleRow.__table__
     with engine.connect() as conn:
@@ -690,15 +690,9 @@ def compare_jobs(engine: Engine, job_a: str, job_b: str) -> dict[str, Any]:
                                    e.c.robust_single, e.c.robust_majority, e.c.robust_worst).where(e.c.job_id.in_(both))).all()
     per: dict[str, dict[int, tuple]] = {job_a: {}, job_b: {}}
     for jid, idx, *vals in rows:
-        rule = specs.get(jid, {}).get("scoring", "worst")
-        k = ("single", "majority", "worst").index(rule)
+        k = ("single", "majority", "worst").index(specs.get(jid, {}).get("scoring") or "worst")
         per[jid][int(idx)] = (bool(vals[k]), bool(vals[3 + k]))
-    shared = sorted(set(per[job_a]) & set(per[job_b]))
-    out: dict[str, Any] = {"job_a": job_a, "job_b": job_b, "n_shared": len(shared)}
-    if shared:
-        for kind, k in (("clean", 0), ("robust", 1)):
-            out[kind] = paired_comparison([per[job_a][i][k] for i in shared], [per[job_b][i][k] for i in shared])
-    return out
+    return {"job_a": job_a, "job_b": job_b, **paired_jobs(per[job_a], per[job_b])}
 
 
 def job_detail(engine: Engine, job_id: str) -> dict[str, Any] | None:

@@ -36,7 +36,7 @@ def headline_rule(job) -> str:
 
 def compare_jobs(store, a, b) -> dict:
     """The paired comparison of stored jobs ``a`` and ``b`` (see the module docstring) as a JSON-able dict."""
-    from harness.evaluation.stats import paired_comparison
+    from harness.evaluation.stats import paired_jobs
 
     for j in (a, b):
         if j.status != "done":
@@ -44,20 +44,15 @@ def compare_jobs(store, a, b) -> dict:
     if a.dataset != b.dataset:
         raise HarnessError(f"jobs {a.id[:12]} ({a.dataset}) and {b.id[:12]} ({b.dataset}) share no examples: different datasets")
     ra, rb = headline_rule(a), headline_rule(b)
-    ex_a = {e.dataset_index: e for e in store.example_rows(a.id)}
-    ex_b = {e.dataset_index: e for e in store.example_rows(b.id)}
-    shared = sorted(set(ex_a) & set(ex_b))
-    if not shared:
+
+    def outcomes(job, rule):
+        rows = store.example_rows(job.id)
+        return {e.dataset_index: (bool(getattr(e, f"clean_{rule}")), bool(getattr(e, f"robust_{rule}"))) for e in rows}
+
+    paired = paired_jobs(outcomes(a, ra), outcomes(b, rb))
+    if not paired["n_shared"]:
         raise HarnessError(f"jobs {a.id[:12]} and {b.id[:12]} share no examples (no common dataset index)")
-    out = {
-        "job_a": a.id, "job_b": b.id, "a": describe(a), "b": describe(b), "rule_a": ra, "rule_b": rb,
-        "n_shared": len(shared),
-    }
-    for kind in ("robust", "clean"):
-        first = [bool(getattr(ex_a[i], f"{kind}_{ra}")) for i in shared]
-        second = [bool(getattr(ex_b[i], f"{kind}_{rb}")) for i in shared]
-        out[kind] = paired_comparison(first, second)
-    return out
+    return {"job_a": a.id, "job_b": b.id, "a": describe(a), "b": describe(b), "rule_a": ra, "rule_b": rb, **paired}
 
 
 def format_comparison(c: dict) -> str:

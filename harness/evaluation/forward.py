@@ -52,6 +52,9 @@ class DefendedForward(nn.Module):
     along the batch get independent noise).
     """
 
+    #: its backward refuses non-finite input gradients (``_FiniteGrad``), so callers need not check again
+    checks_gradients = True
+
     def __init__(
         self,
         defense: Defense,

@@ -147,3 +147,18 @@ def paired_comparison(first: list[bool], second: list[bool]) -> dict:
         "difference": diff, "difference_ci95": [lo, hi],
         "p_value": mcnemar_exact(t["first_only"], t["second_only"]),
     }
+
+
+def paired_jobs(first: dict[int, tuple[bool, bool]], second: dict[int, tuple[bool, bool]]) -> dict:
+    """Two jobs compared on the examples they share: ``first`` and ``second`` map a dataset index to that
+    example's (clean, robust) outcome under the job's headline rule. Returns ``n_shared`` and, when it is not 0,
+    :func:`paired_comparison` of the ``clean`` and of the ``robust`` outcomes in dataset-index order.
+
+    The one implementation behind ``harness compare`` and the leaderboard's drill-down.
+    """
+    shared = sorted(set(first) & set(second))
+    out: dict = {"n_shared": len(shared)}
+    if shared:
+        for kind, k in (("robust", 1), ("clean", 0)):
+            out[kind] = paired_comparison([first[i][k] for i in shared], [second[i][k] for i in shared])
+    return out
