@@ -81,6 +81,9 @@ def test_grid_runs_skips_and_is_idempotent(tmp_path, capsys):
     assert main(["grid", str(g), "--db", db, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert out.count("  run ") == 6 and out.count("  skip ") == 3 and "no 'adjoint' gradient path" in out
+    # a cell's label carries its axis overrides (not the grid-wide set), so cells of one threat differ
+    assert "none x bpda x digits x default x seed 0 [steps=3]\n" in out and "batch_size" not in out
+    assert "none x preprocessor-blind x digits x default x seed 0\n" in out
     assert main(["grid", str(g), "--db", db]) == 0
     out = capsys.readouterr().out
     assert "summary: ran 6, skipped 3" in out

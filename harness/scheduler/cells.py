@@ -39,10 +39,14 @@ class Cell:
     job_id: str = ""
     state: str = "pending"  # pending | done | skipped | failed | ran
     reason: str | None = None
+    #: the overrides this cell's axis entries add to the grid-wide ``set`` (shown in the label: two cells of one
+    #: threat with different ``set`` values must not read the same)
+    axis_overrides: tuple[tuple[str, str], ...] = ()
 
     def label(self) -> str:
         c = self.cfg
-        return f"{c.defense} x {c.threat} x {c.dataset} x {c.classifier or 'default'} x seed {c.seed}"
+        extra = f" [{', '.join(f'{k}={v}' for k, v in self.axis_overrides)}]" if self.axis_overrides else ""
+        return f"{c.defense} x {c.threat} x {c.dataset} x {c.classifier or 'default'} x seed {c.seed}{extra}"
 
 
 def _expand(spec: GridSpec) -> list[tuple[RunConfig, tuple[str, ...]]]:
@@ -152,7 +156,7 @@ def plan(spec: GridSpec, store: Store | None, *, force: bool = False) -> list[Ce
     check_names(spec)
     cells = []
     for cfg, origins in _expand(spec):
-        cell = Cell(cfg=cfg)
+        cell = Cell(cfg=cfg, axis_overrides=cfg.overrides[len(spec.overrides):])
         try:
             cell.job = resolve(dataclasses.replace(cfg, device="cpu"))
             cell.job_id = cell.job.job_id
