@@ -75,6 +75,24 @@ def test_expansion_is_the_product_of_axes(tmp_path):
     assert ("batch_size", "16") in bp.overrides and ("steps", "3") in bp.overrides
 
 
+def test_planning_loads_each_network_once_and_changes_no_identity(tmp_path):
+    from harness.evaluation import resolve
+    from harness.scheduler.cells import plan
+
+    spec = load_grid(write(tmp_path, GRID))
+    cells = [c for c in plan(spec, None) if c.job is not None]
+    by = {}
+    for c in cells:
+        by.setdefault(c.cfg.defense, []).append(c.job)
+    for name, jobs in by.items():
+        assert len(jobs) >= 2 and len({id(j.defense) for j in jobs}) == 1, name  # one set-up defense per config
+    assert len({id(c.job.classifier) for c in cells}) == 1
+    assert len({id(j[0].defense) for j in by.values()}) == len(by)  # different defenses are not shared
+    for c in cells[:3]:  # the same identities as resolving alone, each with its own networks
+        alone = resolve(c.cfg)
+        assert alone.job_id == c.job_id and alone.defense is not c.job.defense
+
+
 def test_grid_runs_skips_and_is_idempotent(tmp_path, capsys):
     g = write(tmp_path, GRID.replace("gradient_path: surrogate", "gradient_path: adjoint"))
     db = str(tmp_path / "r.db")

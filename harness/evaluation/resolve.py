@@ -12,7 +12,9 @@ and ``eps=0.2`` are the same job. Bad input raises a one-line ``HarnessError``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from harness.evaluation.plan import AttackPlan, IncompatibleError, build_plan
 from harness.store.codec import canonical, dumps
 from threat_models.specs import THREATS, ThreatSpec, spec_fields
 
-__all__ = ["IncompatibleError", "ResolvedJob", "RunConfig", "parse_set", "resolve", "split_overrides"]
+__all__ = ["IncompatibleError", "ResolvedJob", "RunConfig", "parse_set", "resolve", "sharing_networks", "split_overrides"]
 
 
 @dataclass(frozen=True)
@@ -262,6 +264,39 @@ def _reference_defense(
     return ref
 
 
+#: While :func:`sharing_networks` is active: key -> the classifier or set-up defense already built for it.
+_SHARED: dict[str, Any] | None = None
+
+
+@contextmanager
+def sharing_networks():
+    """Within this block, :func:`resolve` builds each classifier and each set-up defense once and hands the same
+    object to every job that asks for the same one (same name, configuration, dataset, weights and device).
+
+    A grid's parent resolves every cell to plan the grid and keeps the jobs for bookkeeping; without sharing,
+    each cell would load (and hold) its own copy of every network: 117 of each for the smoke grid, and for a
+    paper grid one score model per cell. The parent never runs these jobs (workers resolve their own), and the
+    dry run's calibration only evaluates them, so sharing changes no number. Not for code that trains or
+    otherwise changes a network.
+    """
+    global _SHARED
+    prev, _SHARED = _SHARED, {}
+    try:
+        yield
+    finally:
+        _SHARED = prev
+
+
+def _shared(kind: str, key: Any, build):
+    """``build()``, or inside :func:`sharing_networks` the object an identical earlier request built."""
+    if _SHARED is None:
+        return build()
+    k = kind + ":" + dumps(canonical(key))
+    if k not in _SHARED:
+        _SHARED[k] = build()  # a failure (e.g. a missing checkpoint) stores nothing: the next cell raises it too
+    return _SHARED[k]
+
+
 def resolve(cfg: RunConfig) -> ResolvedJob:
     """Load and validate everything a job needs; raise HarnessError on bad input."""
     from harness import classifiers as C
@@ -284,18 +319,30 @@ def resolve(cfg: RunConfig) -> ResolvedJob:
     reason = shift.check(tuple(info.image_shape))
     if reason:
         raise IncompatibleError(f"shift '{shift.name}' cannot run on dataset '{cfg.dataset}': {reason}")
-    defense = defense_cls.from_dict(routed.defense)
+    defense_values = routed.defense
+    checked = defense_cls.from_dict(defense_values)  # a bad value fails here, before any data or network is loaded
 
     n_examples, n_note = cfg.n_examples, None
     if n_examples is None:
         n_examples, n_note = _default_n(defense_cls, plan, info)
     subset = D.eval_subset(cfg.dataset, n_examples, cfg.data_seed, cfg.data_dir)
     clf_name = cfg.classifier or C.default_classifier(cfg.dataset)
-    clf = C.load_classifier(clf_name, dataset=cfg.dataset, weights=cfg.weights, model_dir=cfg.model_dir, device=device)
-    _setup_defense(defense, cfg, info, clf, device)
+    clf_key = [clf_name, cfg.dataset, cfg.weights, cfg.model_dir, str(device)]
+    clf = _shared("classifier", clf_key, lambda: C.load_classifier(
+        clf_name, dataset=cfg.dataset, weights=cfg.weights, model_dir=cfg.model_dir, device=device))
+    setup_key = [cfg.dataset, clf_key, str(device), cfg.weights_dir, list(cfg.plugins)]
+
+    def set_up():
+        d = defense_cls.from_dict(defense_values)
+        _setup_defense(d, cfg, info, clf, device)
+        return d
+
+    config_key = [defense_cls.name, dataclasses.asdict(checked.config), setup_key]  # canonical values: 0.1 == "0.10"
+    defense = _shared("defense", config_key, set_up)
     ref_defense = None
     if spec.paired_reference:
-        ref_defense = _reference_defense(defense_cls, defense, routed.defense, cfg, info, clf, device)
+        ref_defense = _shared("reference", config_key,
+                              lambda: _reference_defense(defense_cls, defense, defense_values, cfg, info, clf, device))
 
     draws = spec.eval_draws if defense.stochastic else 1
     job_eot = spec.eot_samples if (defense.stochastic and plan.main_path is not GradientPath.CLASSIFIER) else 1

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from harness.core.registry import HarnessError, MissingFileError
 from harness.evaluation import IncompatibleError, ResolvedJob, RunConfig, resolve
+from harness.evaluation.resolve import sharing_networks
 from harness.scheduler.gridfile import GridError, GridSpec
 from harness.store import Store, dumps
 
@@ -145,6 +146,23 @@ def cell_key(cfg: RunConfig) -> str:
     return "skip-" + hashlib.sha256(dumps(dataclasses.asdict(cfg)).encode()).hexdigest()[:59]
 
 
+def _plan_cell(spec: GridSpec, store: Store | None, cfg: RunConfig, origins: tuple[str, ...], force: bool) -> Cell:
+    """Resolve one cell (on the CPU) and mark it pending, skipped or done."""
+    cell = Cell(cfg=cfg, axis_overrides=cfg.overrides[len(spec.overrides):])
+    try:
+        cell.job = resolve(dataclasses.replace(cfg, device="cpu"))
+        cell.job_id = cell.job.job_id
+    except SKIPPED_ERRORS as exc:
+        cell.state, cell.reason, cell.job_id = "skipped", str(exc), cell_key(cfg)
+    except HarnessError as exc:
+        raise GridError(f"{_culprit(cfg, origins, str(exc)) or spec.path}: {exc} (cell {cell.label()})") from None
+    if cell.state == "pending" and store is not None:
+        row = store.get_job(cell.job_id)
+        if row is not None and row.status == "done" and not force:
+            cell.state = "done"
+    return cell
+
+
 def plan(spec: GridSpec, store: Store | None, *, force: bool = False) -> list[Cell]:
     """Resolve every cell (on the CPU), mark done / skipped / pending.
 
@@ -155,20 +173,9 @@ def plan(spec: GridSpec, store: Store | None, *, force: bool = False) -> list[Ce
     """
     check_names(spec)
     cells = []
-    for cfg, origins in _expand(spec):
-        cell = Cell(cfg=cfg, axis_overrides=cfg.overrides[len(spec.overrides):])
-        try:
-            cell.job = resolve(dataclasses.replace(cfg, device="cpu"))
-            cell.job_id = cell.job.job_id
-        except SKIPPED_ERRORS as exc:
-            cell.state, cell.reason, cell.job_id = "skipped", str(exc), cell_key(cfg)
-        except HarnessError as exc:
-            raise GridError(f"{_culprit(cfg, origins, str(exc)) or spec.path}: {exc} (cell {cell.label()})") from None
-        if cell.state == "pending" and store is not None:
-            row = store.get_job(cell.job_id)
-            if row is not None and row.status == "done" and not force:
-                cell.state = "done"
-        cells.append(cell)
+    with sharing_networks():  # one copy of each network for all cells (the parent only keeps their bookkeeping)
+        for cfg, origins in _expand(spec):
+            cells.append(_plan_cell(spec, store, cfg, origins, force))
     # identical cells listed twice (e.g. a default classifier named explicitly) run once
     seen: dict[str, Cell] = {}
     for c in cells:
