@@ -634,8 +634,9 @@ def test_paper_grid_dry_run_names_the_missing_checkpoint_and_where_to_get_it(tmp
     assert main(["grid", str(PAPER_GRID), "--dry-run", "--db", str(tmp_path / "dry.db")]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  ")]
     assert len(lines) == 14 and all(ln.split()[0] == "skip" for ln in lines)
-    missing = [ln for ln in lines if "checkpoint_8.pth" in ln]
-    refused = [ln for ln in lines if "autoattack-standard" in ln]
+    reasons = [ln.split("]  (", 1)[-1] for ln in lines]  # after the label and its axis overrides (which name the file too)
+    missing = [r for r in reasons if "checkpoint_8.pth" in r]
+    refused = [r for r in reasons if "autoattack-standard" in r]
     assert len(missing) == 10 and len(refused) == 4
     want = str(tmp_path / "pretrained" / "score_sde" / "checkpoint_8.pth")
     assert all(want in ln and "16_-Ahc6ImZV5ClUc0vM5Iivf8OJ1VSif" in ln and "DiffPure README" in ln for ln in missing)
