@@ -152,6 +152,41 @@ def test_a_store_older_than_flags_is_read_then_migrated(runs, tmp_path, capsys):
     assert "flags" in {row[1] for row in sqlite3.connect(str(old)).execute("PRAGMA table_info(jobs)")}
 
 
+def test_a_store_older_than_every_added_column_is_read_by_every_reader(runs, tmp_path, capsys):
+    """A store written before examples.reference and jobs.flags (harness.store.migrate): every read-only command,
+    the paired comparison and the dashboard queries read it without adding anything.
+    """
+    from dashboard import queries as Q
+    from harness.store.migrate import ADDED_COLUMNS
+
+    db, r = runs
+    old = tmp_path / "older.db"
+    src, dst = sqlite3.connect(str(db)), sqlite3.connect(str(old))
+    src.backup(dst)
+    src.close()
+    for table, column in ADDED_COLUMNS:
+        dst.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    dst.commit()
+    dst.close()
+    before = old.read_bytes()
+    a, b = r["blind"].job_id, r["maep"].job_id
+    for args in (["results", "--db", str(old)], ["show", a[:12], "--db", str(old)], ["compare", a[:12], b[:12], "--db", str(old)],
+                 ["ls"]):
+        code, out, err = run_cli(args, capsys)
+        assert code == 0 and "Traceback" not in err, (args, err)
+    ex = Store(str(old), read_only=True).example_rows(a)
+    assert len(ex) == N and all(e.reference is None for e in ex)
+    engine = Q.make_engine(str(old))
+    try:
+        assert len(Q.load_jobs(engine)) == len(r)
+        assert len(Q.job_examples(engine, a)) == N
+        assert Q.compare_jobs(engine, a, b)["n_shared"] == N
+        assert Q.job_detail(engine, a)["flags"] is None
+    finally:
+        engine.dispose()
+    assert old.read_bytes() == before  # nothing was added or written
+
+
 def test_check_fail_on_flags_lists_the_flagged_cells(runs, tmp_path, capsys):
     db, r = runs
     table = tmp_path / "t.csv"
