@@ -67,19 +67,13 @@ def test_a_nan_gradient_ends_the_job_with_one_line_naming_the_defense_and_path(a
 
 
 def test_pgd_refuses_a_nan_gradient_of_any_model():
+    from harness.core.defense import DEFENSES
     from threat_models.attacks.pgd import pgd
 
-    class NaNGrad(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.view_as(x)
+    nan_grad = DEFENSES.get("toy-nan-grad").from_dict({})  # identity forward, NaN backward (tests/plugins)
 
-        @staticmethod
-        def backward(ctx, g):
-            return g * float("nan")
-
-    def model(x):
-        return NaNGrad.apply(x).flatten(1)[:, :3]
+    def model(x):  # a plain callable, not the engine's defended forward: pgd itself must refuse the gradient
+        return nan_grad.purify(x).flatten(1)[:, :3]
 
     with pytest.raises(HarnessError, match="non-finite input gradients"):
         pgd(model, torch.rand(2, 1, 2, 2), torch.tensor([0, 1]), norm="linf", eps=0.1, steps=2, step_size=0.05)

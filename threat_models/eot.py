@@ -19,6 +19,11 @@ from threat_models.losses import attack_loss, margin
 Model = Callable[[torch.Tensor], torch.Tensor]
 
 
+def _stacked(t: torch.Tensor, k: int) -> torch.Tensor:
+    """``k`` copies of ``t`` along the batch dimension (``t`` itself, not a copy, when ``k`` is 1)."""
+    return t if k == 1 else t.repeat(k, *([1] * (t.dim() - 1)))
+
+
 def eot_forward(
     model: Model, x: torch.Tensor, y: torch.Tensor, *, eot: int, reduce: str, loss: str, max_batch: int, need_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -36,10 +41,10 @@ def eot_forward(
     with torch.set_grad_enabled(need_grad):
         while done < eot:
             k = min(per_chunk, eot - done)
-            logits = model(xin if k == 1 else xin.repeat(k, 1, 1, 1)).view(k, B, -1)
+            logits = model(_stacked(xin, k)).view(k, B, -1)
             if need_grad and reduce == "loss":
                 # the mean of per-sample losses decomposes over chunks: free each chunk's graph
-                obj = attack_loss(loss, logits.reshape(k * B, -1), y if k == 1 else y.repeat(k)).sum() / eot
+                obj = attack_loss(loss, logits.reshape(k * B, -1), _stacked(y, k)).sum() / eot
                 grad += torch.autograd.grad(obj, xin)[0]
                 logits = logits.detach()
             chunks.append(logits)
@@ -86,8 +91,8 @@ def eot_draws(
     with torch.enable_grad():
         while done < eot:
             k = min(per_chunk, eot - done)
-            logits = model(xin.repeat(k, 1, 1, 1))
-            obj = loss_fn(logits, y if k == 1 else y.repeat(k)).sum() / eot
+            logits = model(_stacked(xin, k))
+            obj = loss_fn(logits, _stacked(y, k)).sum() / eot
             grad += torch.autograd.grad(obj, xin)[0]
             chunks.append(logits.detach().view(k, B, -1))
             done += k

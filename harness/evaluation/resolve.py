@@ -320,7 +320,7 @@ def resolve(cfg: RunConfig) -> ResolvedJob:
     if reason:
         raise IncompatibleError(f"shift '{shift.name}' cannot run on dataset '{cfg.dataset}': {reason}")
     defense_values = routed.defense
-    checked = defense_cls.from_dict(defense_values)  # a bad value fails here, before any data or network is loaded
+    fresh = defense_cls.from_dict(defense_values)  # a bad value fails here, before any data or network is loaded
 
     n_examples, n_note = cfg.n_examples, None
     if n_examples is None:
@@ -333,12 +333,11 @@ def resolve(cfg: RunConfig) -> ResolvedJob:
     setup_key = [cfg.dataset, clf_key, str(device), cfg.weights_dir, list(cfg.plugins)]
 
     def set_up():
-        d = defense_cls.from_dict(defense_values)
-        _setup_defense(d, cfg, info, clf, device)
-        return d
+        _setup_defense(fresh, cfg, info, clf, device)
+        return fresh
 
-    config_key = [defense_cls.name, dataclasses.asdict(checked.config), setup_key]  # canonical values: 0.1 == "0.10"
-    defense = _shared("defense", config_key, set_up)
+    config_key = [defense_cls.name, dataclasses.asdict(fresh.config), setup_key]  # canonical values: 0.1 == "0.10"
+    defense = _shared("defense", config_key, set_up)  # an identical earlier one, set up, while sharing
     ref_defense = None
     if spec.paired_reference:
         ref_defense = _shared("reference", config_key,
