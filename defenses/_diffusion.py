@@ -11,10 +11,11 @@ Both give alpha_bar(0.1) ~= 0.897. As in the official DiffPure code, forward noi
 uses the *discrete* alpha_bar and the reverse SDE the *continuous* one.
 
 **Backbones.** Noise-prediction networks eps_theta(x, t) are ``diffusers.UNet2DModel``
-instances (:func:`load_backbone`): the public ``google/ddpm-cifar10-32`` (a local
-diffusers folder or the Hugging Face cache, never downloaded at run time) and the small
-UNets shipped in ``harness/weights`` (``<name>.pt`` state_dict + ``<name>.json`` recipe
-with the architecture and sha256), trained by ``harness train diffusion``. With
+instances (:func:`load_backbone`): the small UNets shipped in ``harness/weights``
+(``<name>.pt`` state_dict + ``<name>.json`` recipe with the architecture and sha256),
+trained by ``harness train diffusion`` (``cifar10-ddpm`` is the CIFAR-10 default), and
+the public ``google/ddpm-cifar10-32`` (a local diffusers folder or the Hugging Face
+cache, never downloaded at run time). With
 ``backbone=ncsnpp`` it is the papers' own network: the score-SDE DDPM++ of DiffPure's
 ``checkpoint_8.pth`` (:mod:`defenses.networks.ncsnpp`, EMA weights), which takes
 ``(x, 999 t)`` (or the DDPM step index) and returns eps, the interface of :class:`EpsNet`.
@@ -109,8 +110,9 @@ def shipped_weights_dir() -> Path:
 
 
 #: Datasets with a small backbone shipped in ``harness/weights`` (file stem).
-SHIPPED_BACKBONES: dict[str, str] = {"digits": "digits-ddpm", "mnist5k": "mnist5k-ddpm"}
-#: Datasets served by a public diffusers model: dataset -> (Hugging Face repo, folder name under --weights-dir).
+SHIPPED_BACKBONES: dict[str, str] = {"digits": "digits-ddpm", "mnist5k": "mnist5k-ddpm", "cifar10": "cifar10-ddpm"}
+#: Datasets also served by a public diffusers model: dataset -> (Hugging Face repo, folder name under --weights-dir);
+#: found under --weights-dir before the shipped file, in the Hugging Face cache only when the shipped file is absent.
 HF_BACKBONES: dict[str, tuple[str, str]] = {"cifar10": ("google/ddpm-cifar10-32", "ddpm-cifar10-32")}
 #: Hugging Face cache to search (None = the hub's default, HF_HUB_CACHE / HF_HOME); nothing is downloaded.
 HF_CACHE_DIR: str | None = None
@@ -269,10 +271,10 @@ def load_backbone(
 
     ``backbone="ncsnpp"``: a score-SDE checkpoint (:func:`load_ncsnpp_backbone`).
     Otherwise a UNet, in this order: ``model_path`` (a diffusers folder, or a ``.pt`` with
-    its ``.json`` recipe); then, for datasets with a shipped backbone,
-    ``weights_dir/<name>.pt`` and the shipped file; for CIFAR-10,
-    ``weights_dir/ddpm-cifar10-32`` (or ``weights_dir`` itself) and the Hugging Face cache
-    (``local_files_only``).
+    its ``.json`` recipe); ``weights_dir/<name>.pt`` (the shipped name) and, for CIFAR-10,
+    ``weights_dir/ddpm-cifar10-32`` (or ``weights_dir`` itself, a diffusers folder); the
+    shipped file (``harness/weights/cifar10-ddpm.pt`` for CIFAR-10); for CIFAR-10 the
+    Hugging Face cache (``local_files_only``), reached only without the shipped file.
 
     Returns:
         ``(unet, source)``; ``source`` (kind, name, sha256) enters the defense identity.
@@ -292,33 +294,35 @@ def load_backbone(
         raise MissingFileError(
             f"model_path '{p}' does not exist (give a diffusers UNet2DModel folder or a .pt with its .json recipe)"
         )
-    if dataset in SHIPPED_BACKBONES:
-        stem = SHIPPED_BACKBONES[dataset]
-        for folder in ([weights_dir] if weights_dir else []) + [shipped_weights_dir()]:
-            if (Path(folder) / f"{stem}.pt").is_file():
-                return load_recipe_checkpoint(Path(folder) / f"{stem}.pt")
+    stem = SHIPPED_BACKBONES.get(dataset)
+    hf = HF_BACKBONES.get(dataset)
+    if stem is None and hf is None:
         raise MissingFileError(
-            f"diffusion backbone '{stem}.pt' for dataset '{dataset}' is missing from {shipped_weights_dir()}: "
-            f"run `harness train diffusion --dataset {dataset}` or pass --set model_path=FILE"
+            f"no diffusion backbone for dataset '{dataset}': train one with `harness train diffusion --dataset {dataset}` "
+            f"and pass --set model_path=FILE.pt, or pass --set model_path=DIR (a diffusers UNet2DModel folder)"
         )
-    if dataset in HF_BACKBONES:
-        repo, folder_name = HF_BACKBONES[dataset]
-        if weights_dir is not None:
+    # What the user pointed --weights-dir at comes first, then the shipped file, then the Hugging Face cache.
+    if weights_dir is not None:
+        if stem is not None and (Path(weights_dir) / f"{stem}.pt").is_file():
+            return load_recipe_checkpoint(Path(weights_dir) / f"{stem}.pt")
+        if hf is not None:
+            repo, folder_name = hf
             for cand in (Path(weights_dir) / folder_name, Path(weights_dir) / repo.replace("/", "--"), Path(weights_dir)):
                 if cand.is_dir() and _is_diffusers_folder(cand) is not None:
                     return load_diffusers_folder(cand)
-        found = _from_hf_cache(repo)
+    if stem is not None and (shipped_weights_dir() / f"{stem}.pt").is_file():
+        return load_recipe_checkpoint(shipped_weights_dir() / f"{stem}.pt")
+    if hf is not None:
+        found = _from_hf_cache(hf[0])
         if found is not None:
             return found
-        where = f"{weights_dir}/{folder_name}" if weights_dir else f"WEIGHTS_DIR/{folder_name}"
-        raise MissingFileError(
-            f"diffusion model {repo} not found: put its diffusers folder (config.json + diffusion_pytorch_model.safetensors) "
-            f"at {where} and pass --weights-dir, or pass --set model_path=DIR"
-        )
-    raise MissingFileError(
-        f"no diffusion backbone for dataset '{dataset}': train one with `harness train diffusion --dataset {dataset}` "
-        f"and pass --set model_path=FILE.pt, or pass --set model_path=DIR (a diffusers UNet2DModel folder)"
-    )
+    wants = []
+    if stem is not None:
+        wants.append(f"'{stem}.pt' in {shipped_weights_dir()} (`harness train diffusion --dataset {dataset}`)")
+    if hf is not None:
+        where = f"{weights_dir}/{hf[1]}" if weights_dir else f"WEIGHTS_DIR/{hf[1]}"
+        wants.append(f"{hf[0]}'s diffusers folder (config.json + diffusion_pytorch_model.safetensors) at {where} with --weights-dir")
+    raise MissingFileError(f"no diffusion backbone for dataset '{dataset}' found: need {' or '.join(wants)}, or pass --set model_path=FILE")
 
 
 class EpsNet(nn.Module):

@@ -17,8 +17,9 @@ Four datasets are registered in :data:`DATASETS`:
   * a torchvision-format folder: a root holding ``cifar-10-batches-py/`` or
     ``cifar-100-python/``, or that folder itself; or
   * an ``.npz`` with ``x`` (uint8, NHWC ``(N, 32, 32, 3)``) and ``y`` (CIFAR-100 may
-    use ``y_fine`` instead). An npz holds whatever split it was made from; it is used
-    as the split that was asked for.
+    use ``y_fine`` instead), or with ``jpeg_bytes`` and ``offsets`` (concatenated JPEG
+    files, decoded on load) in place of ``x``. An npz holds whatever split it was made
+    from; it is used as the split that was asked for.
 
 The torchvision folder is read here rather than through
 ``torchvision.datasets.CIFAR10``: torchvision md5-checks every file against the
@@ -282,8 +283,12 @@ def _load_npz(name: str, path: Path) -> _Raw:
         # allow_pickle=False: an npz from elsewhere must not be able to run code.
         with np.load(path, allow_pickle=False) as z:
             keys = set(z.files)
-            if "x" not in keys:
+            if "x" not in keys and {"jpeg_bytes", "offsets"} <= keys:
+                jpeg = (z["jpeg_bytes"], z["offsets"])
+            elif "x" not in keys:
                 raise HarnessError(f"'{path}' has no array 'x' (found: {', '.join(sorted(keys)) or 'none'})")
+            else:
+                jpeg = None
             # CIFAR-100 files often carry both label sets; the 100 fine classes are the dataset.
             label_keys = ("y_fine", "y") if name == "cifar100" else ("y",)
             ykey = next((k for k in label_keys if k in keys), None)
@@ -292,13 +297,43 @@ def _load_npz(name: str, path: Path) -> _Raw:
                     f"'{path}' has no labels: expected array {' or '.join(repr(k) for k in label_keys)}"
                     f" (found: {', '.join(sorted(keys))})"
                 )
-            x, y = z["x"], z[ykey]
+            x, y = (_decode_jpegs(*jpeg, f"'{path.name}'") if jpeg is not None else z["x"]), z[ykey]
     except HarnessError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise HarnessError(f"cannot read '{path}' as an .npz: {str(exc).splitlines()[0]}") from None
     x, y = _validate(name, x, y, f"'{path.name}'")
-    return _Raw(x, y, {"kind": "npz", "name": path.name, "sha256": sha256_file(path), "labels": ykey})
+    kind = "npz-jpeg" if jpeg is not None else "npz"
+    return _Raw(x, y, {"kind": kind, "name": path.name, "sha256": sha256_file(path), "labels": ykey})
+
+
+def _decode_jpegs(data: np.ndarray, offsets: np.ndarray, where: str) -> np.ndarray:
+    """Decode an npz of concatenated JPEG files (``jpeg_bytes``, ``offsets`` of N+1 ends) to uint8 NHWC RGB.
+
+    Image i is ``data[offsets[i]:offsets[i+1]]`` (the layout of the shared
+    ``cifar10_train_jpeg50000.npz``). JPEG is lossy: such a file suits training at full
+    size, never accuracy (JPEG itself acts as a weak purifier).
+    """
+    import io
+
+    from PIL import Image
+
+    data, offsets = np.asarray(data), np.asarray(offsets)
+    if data.dtype != np.uint8 or data.ndim != 1 or offsets.ndim != 1 or len(offsets) < 2:
+        raise HarnessError(f"{where}: jpeg_bytes must be 1-D uint8 and offsets 1-D with N+1 entries")
+    if offsets[0] != 0 or offsets[-1] != len(data) or np.any(np.diff(offsets) <= 0):
+        raise HarnessError(f"{where}: offsets must rise from 0 to len(jpeg_bytes)")
+    out = []
+    for i in range(len(offsets) - 1):
+        try:
+            with Image.open(io.BytesIO(data[offsets[i] : offsets[i + 1]].tobytes())) as im:
+                out.append(np.asarray(im.convert("RGB")))
+        except Exception as exc:  # PIL raises several types for a corrupt file
+            raise HarnessError(f"{where}: image {i} is not a readable JPEG ({str(exc).splitlines()[0]})") from None
+    try:
+        return np.stack(out)
+    except ValueError:
+        raise HarnessError(f"{where}: the JPEG images differ in size") from None
 
 
 def _load_folder(name: str, split: str, path: Path) -> _Raw:

@@ -390,15 +390,22 @@ def test_loads_ddpm_cifar10_32_from_the_hugging_face_cache(tmp_path, monkeypatch
     monkeypatch.setattr(D, "HF_CACHE_DIR", str(tmp_path))
     d = DiffPure.from_dict({"t_star": 0.02, "dt": 0.01})
     d.setup(_cifar_ctx(None))
+    # the shipped cifar10-ddpm comes first; the cache serves only where it is absent
+    assert d.backbone_source["kind"] == ("recipe-checkpoint" if (D.WEIGHTS_DIR / "cifar10-ddpm.pt").is_file() else "hf-cache")
+    monkeypatch.setattr(D, "shipped_weights_dir", lambda: tmp_path / "no-shipped")
+    d = DiffPure.from_dict({"t_star": 0.02, "dt": 0.01})
+    d.setup(_cifar_ctx(None))
     assert d.backbone_source["kind"] == "hf-cache"
 
 
 def test_missing_cifar_backbone_is_a_one_line_error_naming_the_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(D, "HF_CACHE_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(D, "shipped_weights_dir", lambda: tmp_path / "no-shipped")
     with pytest.raises(HarnessError) as err:
         DiffPure().setup(_cifar_ctx(tmp_path / "weights"))
     msg = str(err.value)
     assert "\n" not in msg and "ddpm-cifar10-32" in msg and str(tmp_path / "weights") in msg
+    assert "cifar10-ddpm.pt" in msg and "harness train diffusion --dataset cifar10" in msg
     with pytest.raises(HarnessError) as err:
         COUP().setup(SetupContext(classifier=tiny_classifier(), dataset="mnist", image_shape=(1, 28, 28), num_classes=10))
     assert "\n" not in str(err.value) and "harness train diffusion" in str(err.value)

@@ -16,7 +16,7 @@ import signal
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -24,7 +24,8 @@ from harness.core.env import WEIGHTS_DIR, sha256_file
 from harness.core.registry import HarnessError, first_line
 
 __all__ = [
-    "WEIGHTS_DIR", "atomic_save", "atomic_write_text", "load_resume_checkpoint", "output_paths", "sha256_file",
+    "WEIGHTS_DIR", "atomic_save", "atomic_write_text", "check_gpu_recipe", "checkpoint_or_stop", "record_step",
+    "load_resume_checkpoint", "output_paths", "sha256_file",
     "stop_on_sigint", "write_record",
 ]
 
@@ -55,6 +56,16 @@ def write_record(record: dict, json_path: Path) -> None:
     atomic_write_text(json.dumps(record, indent=2) + "\n", json_path)
 
 
+def check_gpu_recipe(recipe: str, device: str) -> None:
+    """``--recipe gpu`` only with ``--device cuda`` on a machine whose torch sees a GPU (it takes days on a CPU)."""
+    if recipe != "gpu":
+        return
+    if not str(device).startswith("cuda"):
+        raise HarnessError("--recipe gpu is sized for a GPU (days on a CPU): run it with --device cuda")
+    if not torch.cuda.is_available():
+        raise HarnessError("--recipe gpu needs a CUDA GPU, and torch sees none here")
+
+
 def load_resume_checkpoint(path: Path, fingerprint: Any, *, what: str) -> dict | None:
     """The training checkpoint at ``path`` if it exists and was written by the same run.
 
@@ -78,6 +89,30 @@ def load_resume_checkpoint(path: Path, fingerprint: Any, *, what: str) -> dict |
             diff = "fields"
         raise HarnessError(f"checkpoint '{path}' was written by a different run ({diff} differ); delete it or rerun without --resume")
     return ck
+
+
+def record_step(curve: list, window: list, value: float, step: int, steps: int, every: int) -> list:
+    """Add step ``step``'s loss to ``window`` ([sum, count]); every ``every`` steps and at the last one append
+    ``[step + 1, mean]`` to ``curve``. Returns the window to carry on with (a fresh one after a curve point).
+    """
+    window[0] += value
+    window[1] += 1
+    if (step + 1) % every == 0 or step + 1 == steps:
+        curve.append([step + 1, round(window[0] / window[1], 6)])
+        return [0.0, 0]
+    return window
+
+
+def checkpoint_or_stop(step: int, steps: int, every: int, stop: dict, save: Callable[[int], None], bar, ckpt_path: Path) -> None:
+    """After step ``step``: ``save(step + 1)`` every ``every`` steps (not after the last, whose weights are written)
+    and when Ctrl-C asked to stop (:func:`stop_on_sigint`); then, if asked, close ``bar`` and raise KeyboardInterrupt.
+    """
+    if stop["asked"] or ((step + 1) % every == 0 and step + 1 < steps):
+        save(step + 1)
+    if stop["asked"]:
+        bar.close()
+        print(f"interrupted after step {step + 1}; checkpoint {ckpt_path} (continue with --resume)")
+        raise KeyboardInterrupt
 
 
 @contextmanager

@@ -28,6 +28,7 @@ import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,8 +41,10 @@ from harness.training import TRAINERS, Trainer
 from harness.training.common import (
     WEIGHTS_DIR,
     atomic_save,
+    checkpoint_or_stop,
     load_resume_checkpoint,
     output_paths,
+    record_step,
     sha256_file,
     stop_on_sigint,
     write_record,
@@ -83,6 +86,12 @@ def recipes() -> dict[str, ConsistencyRecipe]:
                                     unet_config=_teacher_config("digits-ddpm")),
         "mnist5k": ConsistencyRecipe(name="mnist5k-cm", method="ct", teacher=None, steps=20000, lr=1e-4, grid=160,
                                      unet_config=small_unet_config(28, 1, (16, 32, 32), 8)),
+        # Consistency training, not distillation: cifar10-ddpm learned only n < 300 (VE noise up to 1.23), while
+        # the one-step generator CMAP inverts starts at T = 80, so the DDPM cannot teach the levels that matter.
+        # The DDPM's UNet size, about 1.2 s per step of 64 with one thread: 2500 steps in about 50 minutes, the
+        # final grid 80 levels instead of 160 for so short a run.
+        "cifar10": ConsistencyRecipe(name="cifar10-cm", method="ct", teacher=None, steps=2500, batch_size=64, lr=5e-4,
+                                     grid=80, ckpt_every=200, unet_config=small_unet_config(32, 3, (32, 64, 64), 8)),
     }
 
 
@@ -153,11 +162,17 @@ def _loss(recipe, student, target, teacher, x0, step, gen, device) -> torch.Tens
     return (d / (t1 - t0)).mean()
 
 
-def _classifier_check(fn: ConsistencyFunction, dataset: str, shape, seed: int, n: int = 500) -> dict:
-    """How the dataset's shipped classifier labels n one-step samples (confidence, classes)."""
+def _classifier_check(fn: ConsistencyFunction, dataset: str, shape, seed: int, n: int = 500, classifier: str | None = None,
+                      weights: str | None = None) -> dict | None:
+    """How a classifier (default: the dataset's shipped one) labels n one-step samples (confidence, classes)."""
     from harness.classifiers import default_classifier, load_classifier
 
-    clf = load_classifier(default_classifier(dataset), dataset=dataset)
+    if classifier is None:
+        try:
+            classifier = default_classifier(dataset)
+        except HarnessError:
+            return None  # CIFAR has no shipped classifier: pass --classifier and --weights
+    clf = load_classifier(classifier, dataset=dataset, weights=weights)
     x = one_step_samples(fn, n, shape, torch.Generator().manual_seed(seed + 5))
     with torch.no_grad():
         p = torch.softmax(clf.module(x), 1)
@@ -171,23 +186,34 @@ def _classifier_check(fn: ConsistencyFunction, dataset: str, shape, seed: int, n
 
 def train_consistency(
     dataset: str = "digits", *, steps: int | None = None, seed: int = 0, out=None, resume: bool = False,
-    device: str = "cpu", progress: bool = True, grid_png: bool = True,
+    device: str = "cpu", progress: bool = True, grid_png: bool = True, data_dir=None, classifier: str | None = None,
+    classifier_weights: str | None = None, recipe: ConsistencyRecipe | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume) the consistency model of ``dataset``; returns the written record."""
+    """Train (or resume) the consistency model of ``dataset``; returns the written record.
+
+    ``data_dir``: the training images of a CIFAR dataset; ``classifier`` and
+    ``classifier_weights``: who labels the one-step samples recorded in the json (default:
+    the dataset's shipped classifier; none for CIFAR unless given); ``recipe``: override
+    the dataset's (tests).
+    """
     from diffusers import UNet2DModel
 
     from harness.data import load_split
 
-    if dataset not in recipes():
-        raise HarnessError(f"no consistency recipe for dataset '{dataset}' (have: {', '.join(sorted(recipes()))})")
-    recipe = recipes()[dataset]
+    if recipe is None:
+        if dataset not in recipes():
+            raise HarnessError(f"no consistency recipe for dataset '{dataset}' (have: {', '.join(sorted(recipes()))})")
+        recipe = recipes()[dataset]
     steps = recipe.steps if steps is None else int(steps)
     if steps < 1:
         raise HarnessError(f"steps={steps} is out of range (must be >= 1)")
     recipe = ConsistencyRecipe(**{**asdict(recipe), "steps": steps})
     device = torch.device(device)
     pt_path, json_path, png_path, ckpt_path = output_paths(out, recipe.name, ".pt", ".json", ".png", ".ckpt")
-    x_train = load_split(dataset, "train")[0].to(device) * 2 - 1
+    x_train = load_split(dataset, "train", data_dir)[0].to(device) * 2 - 1
+    from harness.data import _load_raw
+
+    data_source = dict(_load_raw(dataset, "train", data_dir).source)
 
     torch.manual_seed(seed)
     teacher = _Teacher(recipe.teacher, device) if recipe.method == "cd" else None
@@ -203,7 +229,7 @@ def train_consistency(
     opt = torch.optim.Adam(student.parameters(), lr=recipe.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / recipe.warmup))
     gen = torch.Generator().manual_seed(seed + 1)
-    fingerprint = {"recipe": asdict(recipe), "dataset": dataset, "seed": seed,
+    fingerprint = {"recipe": asdict(recipe), "dataset": dataset, "seed": seed, "data": data_source,
                    "teacher_sha256": teacher.source["sha256"] if teacher else None}
     start, curve, elapsed, window = 0, [], 0.0, [0.0, 0]
     ck = load_resume_checkpoint(ckpt_path, fingerprint, what="consistency") if resume else None
@@ -239,18 +265,10 @@ def train_consistency(
                 for pt, pe, ps in zip(target.parameters(), ema.parameters(), student.parameters()):
                     pt.mul_(mu).add_(ps, alpha=1 - mu)
                     pe.mul_(recipe.ema_decay).add_(ps, alpha=1 - recipe.ema_decay)
-            window[0] += loss.item()
-            window[1] += 1
-            if (step + 1) % recipe.curve_every == 0 or step + 1 == steps:
-                curve.append([step + 1, round(window[0] / window[1], 6)])
-                window = [0.0, 0]
-                bar.set_postfix(loss=f"{curve[-1][1]:.5f}")
-            if stop["asked"] or ((step + 1) % recipe.ckpt_every == 0 and step + 1 < steps):
-                save_ckpt(step + 1, elapsed + time.perf_counter() - t0)
-            if stop["asked"]:
-                bar.close()
-                print(f"interrupted after step {step + 1}; checkpoint {ckpt_path} (continue with --resume)")
-                raise KeyboardInterrupt
+            window = record_step(curve, window, loss.item(), step, steps, recipe.curve_every)
+            bar.set_postfix(loss=f"{curve[-1][1]:.5f}" if curve else None)
+            checkpoint_or_stop(step, steps, recipe.ckpt_every, stop, lambda k: save_ckpt(k, elapsed + time.perf_counter() - t0),
+                               bar, ckpt_path)
     train_time = elapsed + time.perf_counter() - t0
 
     ema = ema.cpu().eval()
@@ -267,13 +285,14 @@ def train_consistency(
         "teacher": teacher.source if teacher else None,
         "unet_config": recipe.unet_config, "consistency": consistency_record(ema),
         "params": sum(p.numel() for p in ema.parameters()),
-        "data": {"split": "train", "images": int(len(x_train)), "domain": "2x - 1 in [-1, 1]"},
+        "data": {"split": "train", "images": int(len(x_train)), "source": data_source, "domain": "2x - 1 in [-1, 1]"},
         "training": asdict(recipe), "seed": seed, "torch_version": torch.__version__, "device": str(device),
         "torch_threads": torch.get_num_threads(), "train_time_s": round(train_time, 2), "loss_curve": curve,
-        "one_step_samples": _classifier_check(ema, dataset, shape, seed),
+        "one_step_samples": _classifier_check(ema, dataset, shape, seed, classifier=classifier, weights=classifier_weights),
         "sample_grid": png_path.name if grid_png else None,
         "sha256": sha256_file(pt_path), "size_bytes": pt_path.stat().st_size,
-        "command": f"harness train consistency --dataset {dataset} --steps {steps} --seed {seed} --threads {torch.get_num_threads()}",
+        "command": f"harness train consistency --dataset {dataset} --steps {steps} --seed {seed} --threads {torch.get_num_threads()}"
+                   + (f" --data-dir {Path(data_dir).name}" if data_dir else ""),
     }
     write_record(record, json_path)
     if ckpt_path.is_file():
@@ -282,11 +301,15 @@ def train_consistency(
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="digits", help="digits (distilled from digits-ddpm) or mnist5k (consistency training)")
+    p.add_argument("--dataset", default="digits",
+                   help="digits (distilled from digits-ddpm), mnist5k or cifar10 (consistency training)")
+    p.add_argument("--data-dir", default=None, help="CIFAR training images (an .npz, JPEG .npz or torchvision folder)")
+    p.add_argument("--classifier", default=None, help="who labels the recorded one-step samples (default: the dataset's)")
+    p.add_argument("--weights", default=None, help="that classifier's weights (as in harness run)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the recipe's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help=f"output folder (default: {WEIGHTS_DIR})")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/<dataset>-cm.ckpt")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/<dataset>-cm.ckpt (written every few minutes, on Ctrl-C)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 reproduces the shipped file)")
 
@@ -294,10 +317,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    rec = train_consistency(args.dataset, steps=args.steps, seed=args.seed, out=args.out, resume=args.resume, device=args.device)
+    rec = train_consistency(args.dataset, steps=args.steps, seed=args.seed, out=args.out, resume=args.resume, device=args.device,
+                            data_dir=args.data_dir, classifier=args.classifier, classifier_weights=args.weights)
     chk = rec["one_step_samples"]
-    print(f"{rec['name']}: {rec['train_time_s']:.0f} s; one-step samples: mean max softmax {chk['mean_max_softmax']}, "
-          f"classes {chk['class_counts']}; wrote {output_paths(args.out, rec['name'], '.pt')[0]} (sha256 {rec['sha256'][:12]})")
+    seen = (f"one-step samples: mean max softmax {chk['mean_max_softmax']}, classes {chk['class_counts']}" if chk
+            else "no classifier labelled the samples (pass --classifier and --weights)")
+    print(f"{rec['name']}: {rec['train_time_s']:.0f} s; {seen}; wrote {output_paths(args.out, rec['name'], '.pt')[0]} "
+          f"(sha256 {rec['sha256'][:12]})")
     return 0
 
 

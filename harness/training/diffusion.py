@@ -26,20 +26,31 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from harness.core.registry import HarnessError
 from harness.training import TRAINERS, Trainer
-from harness.training.common import WEIGHTS_DIR, atomic_save, output_paths, sha256_file, write_record
+from harness.training.common import (
+    WEIGHTS_DIR,
+    atomic_save,
+    checkpoint_or_stop,
+    check_gpu_recipe,
+    load_resume_checkpoint,
+    output_paths,
+    record_step,
+    sha256_file,
+    stop_on_sigint,
+    write_record,
+)
 
 
 
@@ -59,6 +70,15 @@ class DiffusionRecipe:
     extra: dict = field(default_factory=dict)
     #: why the recipe departs from the usual one (recorded in the json's "training")
     note: str = ""
+    #: timesteps n are drawn from U{0..max_timestep-1}; below 1000 the model only learns the
+    #: low-noise end that purification integrates (t <= max_timestep / 1000)
+    max_timestep: int = 1000
+    #: random horizontal flips of the training images (natural images only)
+    hflip: bool = False
+    #: a resumable checkpoint every this many steps (and on Ctrl-C)
+    ckpt_every: int = 200
+    #: a point of the recorded loss curve every this many steps
+    curve_every: int = 50
 
 
 def small_unet_config(size: int, channels: int, widths: tuple[int, ...], groups: int) -> dict:
@@ -80,7 +100,21 @@ def small_unet_config(size: int, channels: int, widths: tuple[int, ...], groups:
     )
 
 
-#: dataset -> recipe. digits trains in a few minutes on 2 CPU cores.
+def _gpu_unet_config() -> dict:
+    """The GPU recipe's UNet: DDPM's CIFAR-10 layout (widths 128-256-256-256, two residual blocks per level,
+    self-attention at 16x16), about 36 M parameters.
+    """
+    cfg = small_unet_config(32, 3, (128, 256, 256, 256), 32)
+    cfg.update(
+        layers_per_block=2,
+        down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+        dropout=0.1,
+    )
+    return cfg
+
+
+#: dataset -> recipe ("cpu", the default). digits trains in a few minutes on 2 CPU cores.
 RECIPES: dict[str, DiffusionRecipe] = {
     "digits": DiffusionRecipe(
         name="digits-ddpm", unet_config=small_unet_config(8, 1, (16, 32), 8), steps=6000, batch_size=128, lr=2e-3, ema_decay=0.999
@@ -92,7 +126,38 @@ RECIPES: dict[str, DiffusionRecipe] = {
         ema_decay=0.999,
         note="shortened for a shared 2-core CPU (about 40 min with one thread): 3000 steps instead of 20000",
     ),
+    # About 1 s per step with one thread: 3000 steps of 64 images (37 epochs of the 5170 exact training
+    # images, flipped at random) in about 55 minutes. Purification integrates t <= t* (0.1; the README's
+    # sweep goes to 0.15), so only n < 300 (t <= 0.3) is learned: a small network spends all its capacity
+    # on the low-noise denoising that purification uses, and cannot sample from pure noise.
+    "cifar10": DiffusionRecipe(
+        name="cifar10-ddpm", unet_config=small_unet_config(32, 3, (32, 64, 64), 8), steps=3000, batch_size=64, lr=1e-3,
+        ema_decay=0.999, max_timestep=300, hflip=True,
+        note="sized for a 2-core CPU (about 55 min with one thread); timesteps restricted to n < 300 (t <= 0.3), "
+             "the range purification integrates (t* <= 0.15 in the README's sweep)",
+    ),
 }
+
+#: ``--recipe gpu``: larger recipes for ``--device cuda`` (days on a CPU).
+GPU_RECIPES: dict[str, DiffusionRecipe] = {
+    # DDPM's CIFAR-10 hyperparameters (Ho et al. 2020: batch 128, lr 2e-4, EMA 0.9999, dropout 0.1,
+    # 800k steps; 200k here) on every timestep, so it also samples from pure noise.
+    "cifar10": DiffusionRecipe(
+        name="cifar10-ddpm", unet_config=_gpu_unet_config(), steps=200_000, batch_size=128, lr=2e-4, ema_decay=0.9999,
+        warmup=5000, hflip=True, ckpt_every=5000, curve_every=500,
+        note="GPU recipe: DDPM's CIFAR-10 UNet and optimiser, all 1000 timesteps, 200k steps (the paper: 800k)",
+    ),
+}
+
+
+def recipe_for(dataset: str, kind: str = "cpu") -> DiffusionRecipe:
+    """The ``kind`` (``cpu`` or ``gpu``) diffusion recipe of ``dataset``; a one-line error when there is none."""
+    table = {"cpu": RECIPES, "gpu": GPU_RECIPES}.get(kind)
+    if table is None:
+        raise HarnessError(f"unknown recipe '{kind}' (choose from cpu, gpu)")
+    if dataset not in table:
+        raise HarnessError(f"no {kind} diffusion recipe for dataset '{dataset}' (choose from {', '.join(table)})")
+    return table[dataset]
 
 
 def _schedule() -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,22 +165,12 @@ def _schedule() -> tuple[torch.Tensor, torch.Tensor]:
     return betas, torch.cumprod(1.0 - betas, 0)
 
 
-def _load_train(dataset: str) -> torch.Tensor:
-    try:
-        from harness.data import load_split
-    except ImportError:  # pragma: no cover - harness.data always ships with the package
-        load_split = None
-    if load_split is not None:
-        x, _ = load_split(dataset, "train")
-        return x
-    if dataset != "digits":
-        raise HarnessError(f"no training data for dataset '{dataset}'")
-    from sklearn.datasets import load_digits
+def _load_train(dataset: str, data_dir: str | Path | None = None) -> tuple[torch.Tensor, dict]:
+    """The train split (float [0, 1] NCHW) and the identity of its source (kind, file name, sha256)."""
+    from harness.data import _load_raw, load_split
 
-    d = load_digits()
-    perm = np.random.RandomState(0).permutation(len(d.target))
-    x = (d.data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)[perm[:-450]]
-    return torch.from_numpy(np.ascontiguousarray(x))
+    x, _ = load_split(dataset, "train", data_dir)
+    return x, dict(_load_raw(dataset, "train", data_dir).source)
 
 
 @torch.no_grad()
@@ -170,6 +225,37 @@ def _heldout_loss(unet, x0: torch.Tensor, levels: list[int], seed: int) -> dict[
     return out
 
 
+@torch.no_grad()
+def purification_grid(unet: torch.nn.Module, x: torch.Tensor, t_star: float, generator: torch.Generator) -> torch.Tensor:
+    """Rows of ``x`` (clean), forward-diffused to ``t_star`` and purified by ancestral DDPM from n* = 1000 t*.
+
+    The picture for a model that learned only low noise levels: what DiffPure-DDPM does to
+    an image at the default t*.
+    """
+    betas, ab = _schedule()
+    n_star = int(round(1000 * t_star))
+    x0 = x * 2.0 - 1.0
+    a = ab[n_star - 1].item()
+    xt = math.sqrt(a) * x0 + math.sqrt(1 - a) * torch.randn(x0.shape, generator=generator)
+    noisy = xt.clone()
+    for i in range(n_star - 1, -1, -1):
+        a_i, a_prev = ab[i].item(), (ab[i - 1].item() if i > 0 else 1.0)
+        eps = unet(xt, torch.full((len(x),), float(i))).sample
+        x0_hat = ((xt - math.sqrt(1 - a_i) * eps) / math.sqrt(a_i)).clamp(-1, 1)
+        c0 = math.sqrt(a_prev) * betas[i].item() / (1 - a_i)
+        ci = math.sqrt(1 - betas[i].item()) * (1 - a_prev) / (1 - a_i)
+        xt = c0 * x0_hat + ci * xt
+        if i > 0:
+            xt = xt + math.sqrt(betas[i].item() * (1 - a_prev) / (1 - a_i)) * torch.randn(xt.shape, generator=generator)
+    return torch.cat([x, ((noisy + 1) * 0.5).clamp(0, 1), ((xt + 1) * 0.5).clamp(0, 1)])
+
+
+def _fingerprint(recipe: DiffusionRecipe, dataset: str, data_source: dict, seed: int, device: torch.device) -> dict:
+    """What a checkpoint must agree on to be continued (the step count may grow)."""
+    return {"dataset": dataset, "data": data_source, "seed": seed, "device_type": device.type,
+            "recipe": {k: v for k, v in asdict(recipe).items() if k not in ("steps", "ckpt_every")}}
+
+
 def train_diffusion(
     dataset: str,
     *,
@@ -178,34 +264,52 @@ def train_diffusion(
     out: str | Path | None = None,
     device: str | torch.device = "cpu",
     grid: bool = True,
+    data_dir: str | Path | None = None,
+    eval_data_dir: str | Path | None = None,
+    resume: bool = False,
+    recipe: DiffusionRecipe | str = "cpu",
+    progress: bool = True,
 ) -> dict:
     """Train the small DDPM of ``dataset`` and write ``<out>/<name>.pt``, ``.json`` and ``.png``.
 
     Args:
-        dataset: ``"digits"`` (shipped) or ``"mnist5k"``.
+        dataset: ``"digits"``, ``"mnist5k"`` or ``"cifar10"``.
         steps: Optimiser steps; None uses the recipe's.
-        seed: Seed of the initial weights, batches, timesteps and noise.
+        seed: Seed of the initial weights, batches, flips, timesteps and noise.
         out: Output folder; None means ``harness/weights`` inside the package.
         device: Where to train.
-        grid: Also sample and write the 10x10 sample grid PNG.
+        grid: Also write the PNG (samples from pure noise, or, for a model of low noise
+            levels only, test images purified at t* = 0.1).
+        data_dir: The training images of a CIFAR dataset (an .npz, JPEG .npz or torchvision folder).
+        eval_data_dir: Test images for the held-out loss and the PNG (CIFAR; the
+            embedded datasets use their own test split). None: the last 256 training
+            images stand in, and the json says so.
+        resume: Continue from ``<out>/<name>.ckpt`` (written every ``ckpt_every`` steps
+            and on Ctrl-C); the result equals an uninterrupted run's.
+        recipe: ``"cpu"`` (default), ``"gpu"`` or a :class:`DiffusionRecipe` (tests).
+        progress: Show a tqdm bar.
 
     Returns:
         The recorded json dict.
 
     Raises:
-        HarnessError: unknown dataset or a non-positive number of steps.
+        HarnessError: unknown dataset or recipe, a non-positive number of steps, a
+            checkpoint of another run.
     """
     from diffusers import UNet2DModel
 
-    if dataset not in RECIPES:
-        raise HarnessError(f"no diffusion recipe for dataset '{dataset}' (choose from {', '.join(RECIPES)})")
-    recipe = RECIPES[dataset]
+    if not isinstance(recipe, DiffusionRecipe):
+        recipe = recipe_for(dataset, recipe)
     steps = recipe.steps if steps is None else int(steps)
     if steps < 1:
         raise HarnessError(f"steps={steps} is out of range (must be >= 1)")
+    if not 1 <= recipe.max_timestep <= 1000:
+        raise HarnessError(f"max_timestep={recipe.max_timestep} is out of range (1..1000)")
     device = torch.device(device)
+    pt_path, json_path, png_path, ckpt_path = output_paths(out, recipe.name, ".pt", ".json", ".png", ".ckpt")
 
-    x_train = _load_train(dataset).to(device) * 2.0 - 1.0
+    x_cpu, data_source = _load_train(dataset, data_dir)
+    x_train = x_cpu.to(device) * 2.0 - 1.0
     _, ab = _schedule()
     ab = ab.float().to(device)
 
@@ -221,45 +325,94 @@ def train_diffusion(
         lambda k: min(1.0, (k + 1) / recipe.warmup) * 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)),
     )
 
-    start = time.perf_counter()
-    bar = tqdm(range(steps), desc=f"train {recipe.name}", unit="step", disable=None, mininterval=1.0)
-    running = None
-    for _ in bar:
-        unet.train()
-        idx = torch.randint(len(x_train), (recipe.batch_size,), generator=gen).to(device)
-        n = torch.randint(1000, (recipe.batch_size,), generator=gen).to(device)
-        e = torch.randn((recipe.batch_size, *x_train.shape[1:]), generator=gen).to(device)
-        a = ab[n].view(-1, 1, 1, 1)
-        xn = a.sqrt() * x_train[idx] + (1 - a).sqrt() * e
-        loss = F.mse_loss(unet(xn, n.float()).sample, e)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), recipe.grad_clip)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters(), strict=True):
-                pe.lerp_(p, 1.0 - recipe.ema_decay)
-        running = loss.item() if running is None else 0.99 * running + 0.01 * loss.item()
-        bar.set_postfix(loss=f"{running:.4f}")
-    train_time = time.perf_counter() - start
+    fingerprint = _fingerprint(recipe, dataset, data_source, seed, device)
+    start_step, curve, elapsed, window, running = 0, [], 0.0, [0.0, 0], None
+    ck = load_resume_checkpoint(ckpt_path, fingerprint, what="diffusion") if resume else None
+    if ck is not None:
+        if int(ck["steps"]) != steps:
+            raise HarnessError(f"checkpoint '{ckpt_path}' belongs to a run of {ck['steps']} steps, not {steps} (the cosine "
+                               f"schedule depends on it); rerun with --steps {ck['steps']} or delete the checkpoint")
+        unet.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        gen.set_state(ck["generator"])
+        start_step, elapsed = int(ck["step"]), float(ck["elapsed_s"])
+        curve, window, running = [list(p) for p in ck["curve"]], list(ck["window"]), ck["running"]
+        if progress:
+            print(f"resuming {recipe.name} from step {start_step} ({ckpt_path})")
+    elif resume and progress:
+        print(f"no checkpoint at {ckpt_path}; training {recipe.name} from scratch")
+
+    def save_ckpt(step: int, spent: float) -> None:
+        atomic_save(
+            {"fingerprint": json.loads(json.dumps(fingerprint)), "model": unet.state_dict(), "ema": ema.state_dict(),
+             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state(), "step": step,
+             "steps": steps, "curve": curve, "window": window, "running": running, "elapsed_s": spent},
+            ckpt_path,
+        )
+
+    t0 = time.perf_counter()
+    bar = tqdm(range(start_step, steps), desc=f"train {recipe.name}", unit="step", disable=None if progress else True,
+               mininterval=1.0, initial=start_step, total=steps)
+    # Ctrl-C stops at the end of the current step and checkpoints there, so --resume
+    # continues bit-identically (a checkpoint taken mid-step could not).
+    with stop_on_sigint() as stop:
+        for step in bar:
+            unet.train()
+            idx = torch.randint(len(x_train), (recipe.batch_size,), generator=gen).to(device)
+            x0 = x_train[idx]
+            if recipe.hflip:
+                flip = (torch.rand(recipe.batch_size, generator=gen) < 0.5).to(device).view(-1, 1, 1, 1)
+                x0 = torch.where(flip, x0.flip(3), x0)
+            n = torch.randint(recipe.max_timestep, (recipe.batch_size,), generator=gen).to(device)
+            e = torch.randn((recipe.batch_size, *x_train.shape[1:]), generator=gen).to(device)
+            a = ab[n].view(-1, 1, 1, 1)
+            xn = a.sqrt() * x0 + (1 - a).sqrt() * e
+            loss = F.mse_loss(unet(xn, n.float()).sample, e)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), recipe.grad_clip)
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), unet.parameters(), strict=True):
+                    pe.lerp_(p, 1.0 - recipe.ema_decay)
+            value = loss.item()
+            running = value if running is None else 0.99 * running + 0.01 * value
+            window = record_step(curve, window, value, step, steps, recipe.curve_every)
+            bar.set_postfix(loss=f"{running:.4f}")
+            checkpoint_or_stop(step, steps, recipe.ckpt_every, stop, lambda k: save_ckpt(k, elapsed + time.perf_counter() - t0),
+                               bar, ckpt_path)
+    train_time = elapsed + time.perf_counter() - t0
 
     ema = ema.cpu().eval()
-    try:
-        from harness.data import load_split
+    from harness.data import DATASETS, load_split
 
-        x_test = load_split(dataset, "test")[0] * 2.0 - 1.0
-    except Exception:  # pragma: no cover - only without harness.data
-        x_test = None
-    heldout = _heldout_loss(ema, x_test, [10, 50, 100, 300, 600], seed) if x_test is not None else None
+    heldout_source = "test split"
+    if not DATASETS.get(dataset).needs_data_dir:
+        x_test = load_split(dataset, "test")[0]
+    elif eval_data_dir is not None:
+        x_test = load_split(dataset, "test", eval_data_dir)[0][:256]
+        heldout_source = f"first 256 images of {Path(eval_data_dir).name}"
+    else:
+        x_test = x_cpu[-256:]
+        heldout_source = "last 256 training images (no --eval-data-dir given; not held out)"
+    levels = [n for n in (10, 50, 100, 300, 600) if n < recipe.max_timestep] or [recipe.max_timestep - 1]
+    heldout = _heldout_loss(ema, x_test * 2.0 - 1.0, levels, seed)
 
-    pt_path, json_path, png_path = output_paths(out, recipe.name, ".pt", ".json", ".png")
     atomic_save({k: v.detach().clone().contiguous() for k, v in ema.state_dict().items()}, pt_path)
 
-    grid_time = None
+    grid_time, grid_kind = None, None
     if grid:
         t0 = time.perf_counter()
-        samples = sample_ddpm(ema, 100, tuple(x_train.shape[1:]), torch.Generator().manual_seed(seed + 2))
+        if recipe.max_timestep == 1000:
+            samples = sample_ddpm(ema, 100, tuple(x_train.shape[1:]), torch.Generator().manual_seed(seed + 2))
+            grid_kind = "100 samples from pure noise, 1000-step ancestral DDPM"
+        else:
+            samples = purification_grid(ema, x_test[:10], 0.1, torch.Generator().manual_seed(seed + 2))
+            grid_kind = (f"rows: 10 images ({heldout_source}), forward-diffused to t* = 0.1, purified by 100-step ancestral "
+                         f"DDPM (the model learned n < {recipe.max_timestep} only, so it cannot sample from pure noise)")
         save_grid(samples, png_path)
         grid_time = round(time.perf_counter() - t0, 2)
 
@@ -273,10 +426,12 @@ def train_diffusion(
         "params": sum(p.numel() for p in ema.parameters()),
         "schedule": {"betas": "linspace(1e-4, 2e-2, 1000)", "vp_sde": {"beta_min": 0.1, "beta_max": 20.0},
                      "timestep_input": "n in 0..999 (float)"},
-        "data": {"split": "train", "images": int(len(x_train)), "domain": "2x - 1 in [-1, 1]", "augmentation": None},
+        "data": {"split": "train", "images": int(len(x_train)), "source": data_source, "domain": "2x - 1 in [-1, 1]",
+                 "augmentation": "random horizontal flip (p = 0.5)" if recipe.hflip else None},
         "training": {**{k: v for k, v in asdict(recipe).items() if k not in ("name", "unet_config", "extra")}, "steps": steps,
                      "optimizer": "Adam", "lr_schedule": f"linear warmup {recipe.warmup} steps, cosine to 0",
-                     "loss": "mse(eps_theta(x_n, n), e), n ~ U{0..999}",
+                     "loss": f"mse(eps_theta(x_n, n), e), n ~ U{{0..{recipe.max_timestep - 1}}}",
+                     "timesteps_learned": f"n < {recipe.max_timestep} (t <= {recipe.max_timestep / 1000:g})",
                      "weights_shipped": "EMA"},
         "seed": seed,
         "torch_version": torch.__version__,
@@ -285,31 +440,55 @@ def train_diffusion(
         "torch_threads": torch.get_num_threads(),
         "train_time_s": round(train_time, 2),
         "final_train_loss_ema": round(running, 5) if running is not None else None,
+        "loss_curve_every": recipe.curve_every,
+        "loss_curve": curve,
         "heldout_eps_mse_by_timestep": heldout,
+        "heldout_images": heldout_source,
         "sample_grid": png_path.name if grid else None,
+        "sample_grid_kind": grid_kind,
         "sample_grid_time_s": grid_time,
         "sha256": sha256_file(pt_path),
         "size_bytes": pt_path.stat().st_size,
-        "command": f"harness train diffusion --dataset {dataset} --steps {steps} --seed {seed} --threads {torch.get_num_threads()}",
+        "command": _command(dataset, steps, seed, data_dir, recipe),
+        "eval": None,
     }
     write_record(record, json_path)
+    if ckpt_path.is_file():
+        ckpt_path.unlink()  # the weights are written
     return record
+
+
+def _command(dataset: str, steps: int, seed: int, data_dir, recipe: DiffusionRecipe) -> str:
+    cmd = f"harness train diffusion --dataset {dataset} --steps {steps} --seed {seed} --threads {torch.get_num_threads()}"
+    if data_dir is not None:
+        cmd += f" --data-dir {Path(data_dir).name}"
+    if recipe is GPU_RECIPES.get(dataset):
+        cmd += " --recipe gpu --device cuda"
+    return cmd
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="digits", choices=sorted(RECIPES), help="which small DDPM to train (default: digits)")
+    p.add_argument("--data-dir", default=None,
+                   help="CIFAR training images: an .npz (x, y), a JPEG .npz (jpeg_bytes, offsets, y) or a torchvision folder")
+    p.add_argument("--eval-data-dir", default=None, help="CIFAR test images for the held-out loss and the PNG")
+    p.add_argument("--recipe", default="cpu", choices=["cpu", "gpu"],
+                   help="cpu (default: sized for a 2-core CPU) or gpu (DDPM's CIFAR-10 UNet, 200k steps; needs --device cuda)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the recipe's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, batches, timesteps and noise")
     p.add_argument("--out", default=None, help=f"output folder (default: {WEIGHTS_DIR})")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--no-grid", dest="grid", action="store_false", help="skip the sample-grid PNG")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/<name>.ckpt (written every few minutes and on Ctrl-C)")
+    p.add_argument("--no-grid", dest="grid", action="store_false", help="skip the PNG")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 is fastest on a busy machine)")
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    rec = train_diffusion(args.dataset, steps=args.steps, seed=args.seed, out=args.out, device=args.device, grid=args.grid)
+    check_gpu_recipe(args.recipe, args.device)
+    rec = train_diffusion(args.dataset, steps=args.steps, seed=args.seed, out=args.out, device=args.device, grid=args.grid,
+                          data_dir=args.data_dir, eval_data_dir=args.eval_data_dir, resume=args.resume, recipe=args.recipe)
     print(
         f"{rec['name']}: {rec['params']} parameters, {rec['training']['steps']} steps in {rec['train_time_s']:.1f}s, "
         f"held-out eps MSE {rec['heldout_eps_mse_by_timestep']}; wrote {output_paths(args.out, rec['name'], '.pt')[0]} "

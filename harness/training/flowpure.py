@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,8 +55,11 @@ from harness.training import TRAINERS, Trainer
 from harness.training.common import (
     WEIGHTS_DIR,
     atomic_save,
+    checkpoint_or_stop,
+    check_gpu_recipe,
     load_resume_checkpoint,
     output_paths,
+    record_step,
     sha256_file,
     stop_on_sigint,
     write_record,
@@ -84,14 +88,25 @@ class FlowPureRecipe:
     ckpt_every: int = 250
     #: why the recipe departs from the paper's beyond its size (recorded in the json's "training")
     note: str = ""
+    #: adversarial sources drawn per training image before training and cached (0: a fresh draw per minibatch, the
+    #: paper's); a variant -> count mapping, so Gaussian sources stay fresh
+    source_draws: dict = field(default_factory=dict)
+    #: None (constant, the paper's) or "cosine" (linear warmup of ``warmup`` steps, then cosine to 0)
+    lr_schedule: str | None = None
+    warmup: int = 100
 
 
 def _recipes() -> dict[str, FlowPureRecipe]:
     from threat_models.specs import DIGITS_LINF_EPS, MNIST_LINF_EPS
 
-    cifar = FlowPureRecipe(
-        unet_config=small_unet_config(32, 3, (64, 128, 128), 32), steps={v: 300_000 for v in VARIANTS}, batch_size=64, lr=2e-4,
-        eps_max=0.05,
+    # CPU recipe: the CIFAR-10 DDPM's small UNet (about 1 s per step of 64 with one thread), a few thousand
+    # steps with a cosine decay, and PGD/CW sources drawn once per training image (PGD: 3 draws, CW: 2)
+    # instead of per minibatch, so that each variant trains within an hour on a 2-core CPU.
+    cifar_cpu = FlowPureRecipe(
+        unet_config=small_unet_config(32, 3, (32, 64, 64), 8), steps={"pgd": 2600, "cw": 2300, "gauss": 3000}, batch_size=64,
+        lr=1e-3, eps_max=0.05, lr_schedule="cosine", source_draws={"pgd": 3, "cw": 2}, ckpt_every=200,
+        note="sized for a 2-core CPU (under an hour per variant with one thread): a 1 M-parameter UNet, 2300-3000 steps "
+             "with a cosine decay instead of NCSN++ for 300k steps; PGD/CW sources cached (3 / 2 draws per image)",
     )
     return {
         # Each digits variant trains in a few minutes on 2 shared CPU cores.
@@ -106,13 +121,35 @@ def _recipes() -> dict[str, FlowPureRecipe]:
             lr=1e-3, eps_max=round(EPS_FACTOR * MNIST_LINF_EPS, 6),
             note="shortened for a shared 2-core CPU (20-25 min of one thread per variant; 10k steps were planned)",
         ),
-        # The paper's optimiser (Adam 2e-4, batch 64, 300k steps); a smaller UNet than its NCSN++.
-        "cifar10": cifar,
-        "cifar100": cifar,
+        "cifar10": cifar_cpu,
+        "cifar100": cifar_cpu,
     }
 
 
+def _gpu_recipes() -> dict[str, FlowPureRecipe]:
+    # The paper's optimiser (Adam 2e-4 constant, batch 64, 300k steps, fresh sources per minibatch); a smaller
+    # UNet than its NCSN++.
+    cifar = FlowPureRecipe(
+        unet_config=small_unet_config(32, 3, (64, 128, 128), 32), steps={v: 300_000 for v in VARIANTS}, batch_size=64, lr=2e-4,
+        eps_max=0.05, ckpt_every=5000, curve_every=500,
+        note="GPU recipe: the paper's optimiser and fresh sources per minibatch; a (64, 128, 128) UNet instead of NCSN++",
+    )
+    return {"cifar10": cifar, "cifar100": cifar}
+
+
 RECIPES = _recipes()
+#: ``--recipe gpu`` (with ``--device cuda``)
+GPU_RECIPES = _gpu_recipes()
+
+
+def recipe_for(dataset: str, kind: str = "cpu") -> FlowPureRecipe:
+    """The ``kind`` (``cpu`` or ``gpu``) FlowPure recipe of ``dataset``; a one-line error when there is none."""
+    table = {"cpu": RECIPES, "gpu": GPU_RECIPES}.get(kind)
+    if table is None:
+        raise HarnessError(f"unknown recipe '{kind}' (choose from cpu, gpu)")
+    if dataset not in table:
+        raise HarnessError(f"no {kind} FlowPure recipe for dataset '{dataset}' (choose from {', '.join(table)})")
+    return table[dataset]
 
 
 # --------------------------------------------------------------------------- sources
@@ -208,6 +245,47 @@ def make_sources(variant: str, victim, x, y, recipe: FlowPureRecipe, gen: torch.
     return gauss_sources(x, sigma_max=recipe.sigma_max, gen=gen)
 
 
+def _data_identity(dataset: str, data_dir) -> dict:
+    """Which training images (kind, file name, sha256), as the job identity records them."""
+    from harness.data import _load_raw
+
+    return dict(_load_raw(dataset, "train", data_dir).source)
+
+
+def source_cache(
+    variant: str, victim, x: torch.Tensor, y: torch.Tensor, recipe: FlowPureRecipe, *, draws: int, seed: int, path: Path,
+    fingerprint: dict, batch: int = 256, progress: bool = True,
+) -> tuple[torch.Tensor, float]:
+    """``draws`` adversarial sources per training image, shaped (draws, N, C, H, W), cached at ``path``.
+
+    Generated in a fixed order (draw by draw, batches of ``batch`` images) from a generator
+    seeded with ``seed + 7``, so the cache is a function of the seed, the images, the
+    victim and the recipe: a file whose fingerprint differs is regenerated, never used.
+    Returns the sources and the seconds their generation took (when they were made).
+    """
+    want = json.loads(json.dumps(fingerprint))
+    if path.is_file():
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            ck = None
+        if isinstance(ck, dict) and ck.get("fingerprint") == want and tuple(ck["sources"].shape[:2]) == (draws, len(x)):
+            return ck["sources"].to(x.device), float(ck["generation_s"])
+    gen = torch.Generator().manual_seed(seed + 7)
+    t0 = time.perf_counter()
+    out = torch.empty((draws, *x.shape), dtype=x.dtype)
+    bar = tqdm(total=draws * len(x), desc=f"{variant} sources", unit="img", disable=None if progress else True, mininterval=2.0)
+    for k in range(draws):
+        for lo in range(0, len(x), batch):
+            xb, yb = x[lo : lo + batch], y[lo : lo + batch]
+            out[k, lo : lo + len(xb)] = make_sources(variant, victim, xb, yb, recipe, gen).cpu()
+            bar.update(len(xb))
+    bar.close()
+    spent = time.perf_counter() - t0
+    atomic_save({"fingerprint": want, "sources": out, "generation_s": spent}, path)
+    return out.to(x.device), spent
+
+
 def cfm_loss(velocity: VelocityField, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Conditional flow matching with sigma = 0: ``mean (v(t, x_t) - (x1 - x0))^2``, x_t = t x1 + (1 - t) x0."""
     tv = t.view(-1, *([1] * (x1.dim() - 1)))
@@ -257,8 +335,9 @@ def train_flowpure(
     resume: bool = False,
     device: str | torch.device = "cpu",
     eval_n: int = 256,
-    recipe: FlowPureRecipe | None = None,
+    recipe: FlowPureRecipe | str | None = None,
     progress: bool = True,
+    eval_data_dir: str | None = None,
 ) -> dict:
     """Train the flow of one variant and dataset; write ``<out>/flowpure-<variant>-<dataset>.{pt,json}``.
 
@@ -273,8 +352,10 @@ def train_flowpure(
         resume: Continue from ``<out>/<name>.ckpt`` if it exists.
         device: Where to train.
         eval_n: Examples for the engine evaluation recorded in the json (0 = skip).
-        recipe: Override the dataset's recipe (tests use a tiny UNet).
+        recipe: ``"cpu"`` (the default), ``"gpu"`` or a :class:`FlowPureRecipe` (tests use a tiny UNet).
         progress: Show a tqdm bar.
+        eval_data_dir: The test images of the recorded evaluation (CIFAR: the training
+            ``data_dir`` holds the train split only); None = ``data_dir``.
 
     Returns:
         The recorded json dict.
@@ -287,16 +368,14 @@ def train_flowpure(
 
     if variant not in VARIANTS:
         raise HarnessError(f"unknown FlowPure variant '{variant}' (choose from {', '.join(VARIANTS)})")
-    if recipe is None:
-        if dataset not in RECIPES:
-            raise HarnessError(f"no FlowPure recipe for dataset '{dataset}' (choose from {', '.join(RECIPES)})")
-        recipe = RECIPES[dataset]
+    if not isinstance(recipe, FlowPureRecipe):
+        recipe = recipe_for(dataset, recipe or "cpu")
     steps = int(recipe.steps[variant]) if steps is None else int(steps)
     if steps < 1:
         raise HarnessError(f"steps={steps} is out of range (must be >= 1)")
     device = torch.device(device)
     name = weights_name(variant, dataset)
-    pt_path, json_path, ckpt_path = output_paths(out, name, ".pt", ".json", ".ckpt")
+    pt_path, json_path, ckpt_path, cache_path = output_paths(out, name, ".pt", ".json", ".ckpt", ".sources.pt")
 
     clf_name = classifier or C.default_classifier(dataset)
     clf = C.load_classifier(clf_name, dataset=dataset, weights=classifier_weights, device=device)
@@ -307,6 +386,13 @@ def train_flowpure(
     torch.manual_seed(seed)
     velocity = VelocityField(build_unet(recipe.unet_config), recipe.time_scale).to(device)
     opt = torch.optim.Adam(velocity.parameters(), lr=recipe.lr)
+    sched = None
+    if recipe.lr_schedule == "cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda k: min(1.0, (k + 1) / recipe.warmup) * 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps))
+        )
+    elif recipe.lr_schedule is not None:
+        raise HarnessError(f"unknown lr_schedule '{recipe.lr_schedule}' (None or 'cosine')")
     gen = torch.Generator().manual_seed(seed + 1)  # CPU generator: same draws on any device
 
     # What a checkpoint must agree on to be resumed (steps may grow).
@@ -314,10 +400,24 @@ def train_flowpure(
               "recipe": {k: v for k, v in asdict(recipe).items() if k not in ("steps", "ckpt_every")}}
     start_step, curve, elapsed = 0, [], 0.0
     window = [0.0, 0]  # loss sum and count since the last curve point
+    if sched is not None:
+        run_id["steps"] = steps  # the cosine schedule depends on the total
+    draws = int(recipe.source_draws.get(variant, 0))
+    cache, cache_s = None, None
+    if draws:
+        cache_id = {k: run_id[k] for k in ("variant", "dataset", "classifier_sha256", "seed")}
+        cache_id.update(data=_data_identity(dataset, data_dir), draws=draws,
+                        sources={"eps_max": recipe.eps_max, "pgd_steps": recipe.pgd_steps, "cw": recipe.cw})
+        run_id["source_cache"] = cache_id
     ck = load_resume_checkpoint(ckpt_path, run_id, what="FlowPure") if resume else None
+    if draws:
+        cache, cache_s = source_cache(variant, victim, x_train, y_train, recipe, draws=draws, seed=seed, path=cache_path,
+                                      fingerprint=cache_id, progress=progress)
     if ck is not None:
         velocity.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(ck["scheduler"])
         gen.set_state(ck["generator"])
         start_step, curve, elapsed, window = int(ck["step"]), [list(p) for p in ck["curve"]], float(ck["elapsed_s"]), list(ck["window"])
         if progress:
@@ -328,6 +428,7 @@ def train_flowpure(
     def save_ckpt(step: int, spent: float) -> None:
         atomic_save(
             {"fingerprint": run_id, "model": velocity.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+             **({"scheduler": sched.state_dict()} if sched is not None else {}),
              "step": step, "curve": curve, "window": window, "elapsed_s": spent},
             ckpt_path,
         )
@@ -343,26 +444,24 @@ def train_flowpure(
             velocity.train()
             idx = torch.randint(len(x_train), (recipe.batch_size,), generator=gen).to(device)
             x1, y = x_train[idx], y_train[idx]
-            x0 = make_sources(variant, victim, x1, y, recipe, gen)
+            if cache is None:
+                x0 = make_sources(variant, victim, x1, y, recipe, gen)
+            else:
+                k = torch.randint(draws, (recipe.batch_size,), generator=gen).to(device)
+                x0 = cache[k, idx]
             t = torch.rand(recipe.batch_size, generator=gen).to(device)
             loss = cfm_loss(velocity, x0, x1, t)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             value = loss.item()
-            window[0] += value
-            window[1] += 1
+            window = record_step(curve, window, value, step, steps, recipe.curve_every)
             running = value if running is None else 0.98 * running + 0.02 * value
             bar.set_postfix(loss=f"{running:.5f}")
-            if (step + 1) % recipe.curve_every == 0 or step + 1 == steps:
-                curve.append([step + 1, round(window[0] / window[1], 6)])
-                window = [0.0, 0]
-            if stop["asked"] or ((step + 1) % recipe.ckpt_every == 0 and step + 1 < steps):
-                save_ckpt(step + 1, elapsed + time.perf_counter() - t0)
-            if stop["asked"]:
-                bar.close()
-                print(f"interrupted after step {step + 1}; checkpoint {ckpt_path} (continue with --resume)")
-                raise KeyboardInterrupt
+            checkpoint_or_stop(step, steps, recipe.ckpt_every, stop, lambda k: save_ckpt(k, elapsed + time.perf_counter() - t0),
+                               bar, ckpt_path)
     train_time = elapsed + time.perf_counter() - t0
 
     velocity = velocity.cpu().eval()
@@ -396,13 +495,21 @@ def train_flowpure(
         "eps_max": recipe.eps_max if variant == "pgd" else None,
         "sigma_max": recipe.sigma_max,
         "cfm": "t ~ U(0,1); x_t = t x1 + (1-t) x0 (x0 = source, x1 = clean); loss mean (v(t, x_t) - (x1 - x0))^2",
-        "data": {"split": "train", "images": int(len(x_train)), "domain": "[0, 1]", "augmentation": None,
+        "data": {"split": "train", "images": int(len(x_train)), "source": _data_identity(dataset, data_dir), "domain": "[0, 1]",
+                 "augmentation": None,
                  "pairs": "fresh for every minibatch"},
         "training": {"steps": steps, "batch_size": recipe.batch_size, "optimizer": "Adam", "lr": recipe.lr,
                      "lr_note": "paper 2e-4 (NCSN++ on CIFAR, 300k steps); raised for the small UNet" if recipe.lr != 2e-4
                      else "paper value",
-                     "lr_schedule": None, "ema": None, "grad_clip": None, "ckpt_every": recipe.ckpt_every,
+                     "lr_schedule": (f"linear warmup {recipe.warmup} steps, cosine to 0" if recipe.lr_schedule == "cosine"
+                                     else None),
+                     "ema": None, "grad_clip": None, "ckpt_every": recipe.ckpt_every,
                      **({"note": recipe.note} if recipe.note else {})},
+        "source_cache": ({"draws_per_image": draws, "generated_once": True, "generator_seed": seed + 7,
+                          "per_step": "each minibatch image takes one of its cached draws at random"} if draws
+                         else {"draws_per_image": None, "generated_once": False, "per_step": "fresh sources per minibatch"}),
+        "source_generation_s": round(cache_s, 2) if cache_s is not None else None,
+        "total_time_s": round(train_time + (cache_s or 0.0), 2),
         "seed": seed,
         "torch_version": torch.__version__,
         "diffusers_version": diffusers.__version__,
@@ -415,15 +522,18 @@ def train_flowpure(
         "loss_curve": curve,
         "sha256": sha256_file(pt_path),
         "size_bytes": pt_path.stat().st_size,
-        "command": f"harness train flowpure --variant {variant} --dataset {dataset} --classifier {clf.name} --steps {steps} --seed {seed}",
+        "command": f"harness train flowpure --variant {variant} --dataset {dataset} --classifier {clf.name} --steps {steps} --seed {seed}"
+                   + (f" --data-dir {Path(data_dir).name}" if data_dir else "")
+                   + (" --recipe gpu --device cuda" if recipe is GPU_RECIPES.get(dataset) else ""),
         "eval": None,
     }
     # The defense reads the architecture from this json, so it must exist before the evaluation.
     write_record(record, json_path)
-    if ckpt_path.is_file():
-        ckpt_path.unlink()  # the weights are written; a failed evaluation is redone with --eval-only
+    for done in (ckpt_path, cache_path):
+        if done.is_file():
+            done.unlink()  # the weights are written; a failed evaluation is redone with --eval-only
     if eval_n:
-        record["eval"] = _evaluate(variant, dataset, clf.name, classifier_weights, data_dir, pt_path, eval_n)
+        record["eval"] = _evaluate(variant, dataset, clf.name, classifier_weights, eval_data_dir or data_dir, pt_path, eval_n)
         write_record(record, json_path)
     return record
 
@@ -465,7 +575,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="digits", choices=sorted(RECIPES), help="train split to use (default: digits)")
     p.add_argument("--classifier", default=None, help="victim classifier (default: the dataset's shipped CNN)")
     p.add_argument("--weights", default=None, help="weights of the victim classifier (as in harness run)")
-    p.add_argument("--data-dir", default=None, help="where CIFAR lives (as in harness run)")
+    p.add_argument("--data-dir", default=None, help="CIFAR training images (an .npz, JPEG .npz or torchvision folder)")
+    p.add_argument("--eval-data-dir", default=None, help="CIFAR test images of the recorded evaluation (default: --data-dir)")
+    p.add_argument("--recipe", default="cpu", choices=["cpu", "gpu"],
+                   help="cpu (default: sized for a 2-core CPU) or gpu (the paper's optimiser, 300k steps; needs --device cuda)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the recipe's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and of every random draw")
     p.add_argument("--out", default=None, help=f"output folder (default: {WEIGHTS_DIR})")
@@ -478,14 +591,16 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     if args.eval_only:
         rec = reevaluate(args.variant, args.dataset, out=args.out, eval_n=args.eval_n or 256, classifier_weights=args.weights,
-                         data_dir=args.data_dir)
+                         data_dir=args.eval_data_dir or args.data_dir)
         ev = rec["eval"]
         print(f"{rec['name']}: clean {ev['clean_accuracy']:.4f}, preprocessor-blind robust {ev['robust_accuracy']:.4f} "
               f"(n={ev['n_examples']}); updated {rec['name']}.json")
         return 0
+    check_gpu_recipe(args.recipe, args.device)
     rec = train_flowpure(
         args.variant, args.dataset, classifier=args.classifier, classifier_weights=args.weights, data_dir=args.data_dir,
         steps=args.steps, seed=args.seed, out=args.out, resume=args.resume, device=args.device, eval_n=args.eval_n,
+        recipe=args.recipe, eval_data_dir=args.eval_data_dir,
     )
     ev = rec["eval"]
     acc = f"; clean {ev['clean_accuracy']:.4f}, preprocessor-blind robust {ev['robust_accuracy']:.4f} (n={ev['n_examples']})" if ev else ""

@@ -7,13 +7,15 @@ reconstruction of a *masked adversarial* image and the *clean* image,
     L = mean | D(E(x_adv; M)) - x |,
 
 where the encoder E sees only the visible patches of x_adv (a fresh uniform random
-mask M per sample and step, ``mask_ratio`` of the patches hidden: 0.75 by default, the
-spec's value; 0.25 on the embedded digits and mnist5k, see :data:`RECIPES`) and the
+mask M per sample and step, ``mask_ratio`` of the patches hidden: 0.5 on CIFAR, the
+paper's reviewers' value (the spec's default is MAE's 0.75); 0.25 on the embedded digits
+and mnist5k, see :data:`RECIPES`) and the
 decoder D reconstructs every patch. Inference uses no mask.
 
 Adversarial inputs follow DISCO's recipe scaled to the dataset: PGD-l_inf with cross
 entropy and a random start against the given classifier (default: the dataset's
-shipped CNN), on the train split only. CIFAR: eps 8/255, 100 steps of 2/255 (DISCO);
+shipped CNN), on the train split only. CIFAR: eps 8/255, steps of 2/255 (DISCO: 100
+steps; the CPU recipe 20, the GPU recipe 100);
 digits: eps 0.2 (``threat_models.specs.DIGITS_LINF_EPS``, the harness's digits budget),
 20 steps of eps/4. ``--adv cached`` (the default) attacks the train split once per run
 and reuses those pairs every epoch, as DISCO's pre-generated data; ``--adv online``
@@ -50,10 +52,18 @@ from tqdm import tqdm
 
 from defenses.maep import ARCH_PRESETS, MAEArch, MaskedAutoencoder, checkpoint_dict, random_keep
 from harness.classifiers import default_classifier, load_classifier
-from harness.data import DATASETS, load_split
+from harness.data import DATASETS, _load_raw, load_split
 from harness.core.registry import HarnessError
 from harness.training import TRAINERS, Trainer
-from harness.training.common import WEIGHTS_DIR, atomic_save, load_resume_checkpoint, output_paths, sha256_file, write_record
+from harness.training.common import (
+    WEIGHTS_DIR,
+    atomic_save,
+    check_gpu_recipe,
+    load_resume_checkpoint,
+    output_paths,
+    sha256_file,
+    write_record,
+)
 from threat_models.attacks.pgd import pgd
 from threat_models.specs import DIGITS_LINF_EPS, MNIST_LINF_EPS
 
@@ -86,9 +96,9 @@ class MAEPRecipe:
     note: str = ""
 
 
-#: Per-dataset recipes. The CIFAR ones follow the spec (ViT-Tiny MAE, mask ratio 0.75,
-#: DISCO's 100-step PGD, pre-generated pairs, lr 1.5e-4 * B / 256) with a harness-sized
-#: epoch budget. The digits one trains in about ten minutes on one CPU thread; its mask
+#: Per-dataset recipes (``--recipe cpu``, the default; :data:`GPU_RECIPES` follow the spec:
+#: ViT-Tiny MAE, DISCO's 100-step PGD, pre-generated pairs, lr 1.5e-4 * B / 256). The
+#: digits one trains in about ten minutes on one CPU thread; its mask
 #: ratio 0.25 comes from the spec's sweep {0.25, 0.5, 0.75} (the paper's value is not
 #: recovered): on 16-token images a model trained to see 4 patches generalises poorly
 #: to the unmasked inference pass. Held-out test split, 20-step PGD at eps 0.2 against
@@ -108,14 +118,29 @@ RECIPES: dict[str, MAEPRecipe] = {
         eps=MNIST_LINF_EPS, pgd_step=MNIST_LINF_EPS / 4, pgd_steps=20, adv="cached", mask_ratio=0.25,
         note="patch 4 (not the paper's 2) and 100 epochs, sized for a shared 2-core CPU",
     ),
+    # Sized for a 2-core CPU (about 45 minutes with one thread): the cifar-cpu ViT (patch 4), 50 epochs of the
+    # 5170 exact training images, PGD-20 (not DISCO's 100 steps) for the cached pairs, AdamW at 1e-3 for the
+    # small batch. Mask ratio 0.5: the value the paper's reviewers' summary gives (the spec's 0.75 is MAE's
+    # default, not the paper's); the embedded datasets found that a lower ratio transfers better to the unmasked
+    # inference pass.
     "cifar10": MAEPRecipe(
-        arch="vit-tiny", epochs=200, batch_size=512, lr=1.5e-4 * 512 / 256, warmup_epochs=20,
-        eps=8 / 255, pgd_step=2 / 255, pgd_steps=100, adv="cached",
+        arch="cifar-cpu", epochs=50, batch_size=64, lr=1e-3, warmup_epochs=3,
+        eps=8 / 255, pgd_step=2 / 255, pgd_steps=20, adv="cached", mask_ratio=0.5,
+        note="sized for a 2-core CPU: patch 4 ViT (1.7 M parameters), 50 epochs, PGD-20 pairs (DISCO: 100 steps); "
+             "mask ratio 0.5 as the paper's reviewers' summary",
     ),
-    "cifar100": MAEPRecipe(
+}
+for _ds in ("cifar100",):
+    RECIPES[_ds] = RECIPES["cifar10"]
+
+#: ``--recipe gpu`` (with ``--device cuda``): the spec's ViT-Tiny MAE, DISCO's 100-step PGD pairs, 200 epochs.
+GPU_RECIPES: dict[str, MAEPRecipe] = {
+    ds: MAEPRecipe(
         arch="vit-tiny", epochs=200, batch_size=512, lr=1.5e-4 * 512 / 256, warmup_epochs=20,
-        eps=8 / 255, pgd_step=2 / 255, pgd_steps=100, adv="cached",
-    ),
+        eps=8 / 255, pgd_step=2 / 255, pgd_steps=100, adv="cached", mask_ratio=0.5,
+        note="GPU recipe: the spec's ViT-Tiny MAE (patch 2), DISCO's PGD-100 pairs, 200 epochs; mask ratio 0.5",
+    )
+    for ds in ("cifar10", "cifar100")
 }
 
 
@@ -192,6 +217,8 @@ def train_maep(
     progress: bool = True,
     stop_after: int | None = None,
     log: Callable[[str], None] = print,
+    recipe: str = "cpu",
+    eval_data_dir: str | None = None,
 ) -> dict:
     """Train the MAEP purifier of ``dataset``; write ``<out>/maep-<dataset>.pt`` and ``.json``.
 
@@ -213,6 +240,8 @@ def train_maep(
         stop_after: Stop (leaving the checkpoint, writing no weights) after this many
             epochs in total; simulates an interruption (tests).
         log: Where one-line messages go.
+        recipe: ``"cpu"`` (the default) or ``"gpu"`` (:data:`GPU_RECIPES`, for ``--device cuda``).
+        eval_data_dir: Test images of the recorded evaluation (CIFAR); None = ``data_dir``.
 
     Returns:
         The recorded json dict; with ``stop_after`` a dict with ``stopped_at`` only.
@@ -221,9 +250,12 @@ def train_maep(
         HarnessError: unknown dataset, bad values, or a checkpoint from another recipe.
     """
     info = DATASETS.get(dataset)
-    if dataset not in RECIPES:
-        raise HarnessError(f"no MAEP recipe for dataset '{dataset}' (choose from {', '.join(RECIPES)})")
-    base = RECIPES[dataset]
+    table = {"cpu": RECIPES, "gpu": GPU_RECIPES}.get(recipe)
+    if table is None:
+        raise HarnessError(f"unknown recipe '{recipe}' (choose from cpu, gpu)")
+    if dataset not in table:
+        raise HarnessError(f"no {recipe} MAEP recipe for dataset '{dataset}' (choose from {', '.join(table)})")
+    recipe_kind, base = recipe, table[dataset]
     changes = {
         k: v for k, v in dict(
             epochs=epochs, batch_size=batch_size, lr=lr, mask_ratio=mask_ratio, adv=adv, pgd_steps=pgd_steps, arch=arch,
@@ -376,8 +408,11 @@ def train_maep(
     if recipe.note:
         record["note"] = recipe.note
 
+    record["data"] = {"split": "train", "images": n, "source": dict(_load_raw(dataset, "train", data_dir).source)}
+    record["recipe_kind"] = recipe_kind
+    eval_dir = eval_data_dir or data_dir
     if eval_n:
-        x_test, y_test = load_split(dataset, "test", data_dir)
+        x_test, y_test = load_split(dataset, "test", eval_dir)
         x_test, y_test = x_test[:eval_n].to(device), y_test[:eval_n].to(device)
         x_adv = make_adversarial(clf.module, x_test, y_test, recipe, torch.Generator().manual_seed(seed * 1000 + 7))
         net_dev = net.to(device)
@@ -390,7 +425,7 @@ def train_maep(
             "purified_adversarial_to_clean": round(_mean_l1(pur_adv, x_test), 6),
             "purified_clean_to_clean": round(_mean_l1(pur_clean, x_test), 6),
         }
-        record["engine_eval"] = _engine_eval(pt_path, dataset, clf.name, classifier_weights, model_dir, data_dir, eval_n, device)
+        record["engine_eval"] = _engine_eval(pt_path, dataset, clf.name, classifier_weights, model_dir, eval_dir, eval_n, device)
 
     flags = [f"--dataset {dataset}"]
     if classifier:
@@ -404,6 +439,10 @@ def train_maep(
             flags.append(f"{flag} {value}")
     if n_train is not None:
         flags.append(f"--n-train {n_train}")
+    if data_dir is not None:
+        flags.append(f"--data-dir {Path(data_dir).name}")
+    if recipe_kind == "gpu":
+        flags.append("--recipe gpu --device cuda")
     flags.append(f"--seed {seed} --threads {torch.get_num_threads()}")
     record["command"] = "harness train maep " + " ".join(flags)
     write_record(record, json_path)
@@ -417,7 +456,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classifier", default=None, help="classifier the adversarial inputs attack (default: the dataset's)")
     p.add_argument("--weights", default=None, help="the classifier's weights file (as in harness run)")
     p.add_argument("--model-dir", default=None, help="RobustBench model folder (rb:<Name> classifiers)")
-    p.add_argument("--data-dir", default=None, help="CIFAR folder or .npz (as in harness run)")
+    p.add_argument("--data-dir", default=None, help="CIFAR training images (an .npz, JPEG .npz or torchvision folder)")
+    p.add_argument("--eval-data-dir", default=None, help="CIFAR test images of the recorded evaluation (default: --data-dir)")
+    p.add_argument("--recipe", default="cpu", choices=["cpu", "gpu"],
+                   help="cpu (default: sized for a 2-core CPU) or gpu (the spec's ViT-Tiny, 200 epochs; needs --device cuda)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the recipe's)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the recipe's)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
@@ -444,8 +486,10 @@ def _run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise HarnessError(f"--threads {args.threads} is out of range (must be >= 1)")
         torch.set_num_threads(args.threads)
+    check_gpu_recipe(args.recipe, args.device)
     rec = train_maep(
-        args.dataset, classifier=args.classifier, classifier_weights=args.weights, model_dir=args.model_dir,
+        args.dataset, recipe=args.recipe, eval_data_dir=args.eval_data_dir, classifier=args.classifier,
+        classifier_weights=args.weights, model_dir=args.model_dir,
         data_dir=args.data_dir, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, mask_ratio=args.mask_ratio,
         adv=args.adv, pgd_steps=args.pgd_steps, arch=args.arch, n_train=args.n_train, seed=args.seed, out=args.out,
         resume=args.resume, checkpoint_every=args.checkpoint_every, eval_n=args.eval_n, device=args.device,
