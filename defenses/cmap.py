@@ -131,6 +131,9 @@ class CMAP(Defense):
     DATASET_DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
         "digits": {"n_latents": 4, "steps": 40, "lr": 0.1, "checkpoint": False},
         "mnist5k": {"n_latents": 4, "steps": 40, "lr": 0.1, "checkpoint": False},
+        # CIFAR-10 on a CPU with the shipped cifar10-cm: the embedded datasets' N and K; checkpointing on (the unrolled
+        # steps of 32x32 latents are large)
+        "cifar10": {"n_latents": 4, "steps": 40, "lr": 0.1, "checkpoint": True},
     }
 
     def __init__(self, config=None):

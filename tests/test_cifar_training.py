@@ -305,3 +305,23 @@ def test_cifar_consistency_model_is_trained_without_a_teacher(tmp_path, tiny_npz
     d = CMAP.from_dict({"n_latents": 2, "steps": 1})
     d.setup(SetupContext(classifier=lambda x: torch.zeros(len(x), 10), weights_dir=tmp_path, **CIFAR_CTX))
     assert d.source["sha256"] == rec["sha256"]
+
+
+def test_the_recorded_evaluation_runs_every_ddpm_purifier_with_the_written_backbone(tmp_path):
+    from harness.training.diffusion import RECIPES, evaluate_backbone, train_diffusion
+
+    recipe = dataclasses.replace(RECIPES["digits"], unet_config=small_unet_config(8, 1, (8, 16), 4), batch_size=8)
+    rec = train_diffusion("digits", steps=2, out=tmp_path, recipe=recipe, grid=False, progress=False)
+    assert rec["eval"] is None
+    rec = evaluate_backbone("digits", out=tmp_path, n=4)
+    assert set(rec["eval"]) == {"none", "diffpure", "diffpure-ddpm", "coup"}
+    for d, ev in rec["eval"].items():
+        assert ev["n_examples"] == 4 and ev["threat"] == "preprocessor-blind" and ev["eval_draws"] == (1 if d == "none" else 10)
+        assert 0 <= ev["robust_accuracy"] <= ev["clean_accuracy_ci95"][1] + 1 and "--n-examples 4" in ev["command"]
+    assert rec["eval"]["diffpure"]["defense_config"]["dt"] == 0.02  # the dataset default, recorded
+    assert json.loads((tmp_path / "digits-ddpm.json").read_text())["eval"] == rec["eval"]
+    state = torch.load(tmp_path / "digits-ddpm.pt", weights_only=True)
+    state[next(iter(state))].add_(1.0)
+    torch.save(state, tmp_path / "digits-ddpm.pt")
+    with pytest.raises(HarnessError, match="sha256"):
+        evaluate_backbone("digits", out=tmp_path, n=4)

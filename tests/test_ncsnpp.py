@@ -624,6 +624,11 @@ def test_published_rows_name_exactly_one_paper_grid_cell_run_as_the_papers_did()
     for c in adaptive:  # the harness's own: exact gradient, then BPDA, on 64 images
         assert c["plan"].main_path.value == "full" and [p.value for p in c["plan"].also_paths] == ["bpda"] and c["n"] == 64
         assert c["defense"].t_star == {"linf": 0.1, "l2": 0.075}[c["spec"].norm]
+        # the papers' budgets, written out (CIFAR's defaults are a CPU budget for the shipped small purifiers)
+        spec = c["spec"]
+        assert (spec.steps, spec.eot_samples, spec.apgd_steps) == (200, 20, 100)
+        assert {"square.n_queries=5000", "diffhammer.n_iter=50"} <= set(spec.attack_options)
+    assert all(c["defense"].dt == 0.001 for c in paper + adaptive)  # DiffPure's 100 solver steps at t* = 0.1
 
 
 def test_paper_grid_dry_run_names_the_missing_checkpoint_and_where_to_get_it(tmp_path, monkeypatch, capsys):

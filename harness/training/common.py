@@ -24,7 +24,7 @@ from harness.core.env import WEIGHTS_DIR, sha256_file
 from harness.core.registry import HarnessError, first_line
 
 __all__ = [
-    "WEIGHTS_DIR", "atomic_save", "atomic_write_text", "check_gpu_recipe", "checkpoint_or_stop", "record_step",
+    "WEIGHTS_DIR", "atomic_save", "atomic_write_text", "check_gpu_recipe", "checkpoint_or_stop", "engine_eval", "record_step",
     "load_resume_checkpoint", "output_paths", "sha256_file",
     "stop_on_sigint", "write_record",
 ]
@@ -54,6 +54,52 @@ def atomic_write_text(text: str, path: Path) -> None:
 def write_record(record: dict, json_path: Path) -> None:
     """The recipe record beside the weights (indented JSON, atomically)."""
     atomic_write_text(json.dumps(record, indent=2) + "\n", json_path)
+
+
+def engine_eval(
+    defense: str, dataset: str, classifier: str, clf_weights: str | None, data_dir: str | None, n: int,
+    overrides: tuple[tuple[str, str], ...] = (), threat: str = "preprocessor-blind",
+) -> dict:
+    """Clean and robust accuracy of ``defense`` under ``threat`` (default preprocessor-blind) with the harness engine.
+
+    The record a trainer writes into its json beside the weights: the threat's budget, n,
+    seeds, draws and scoring, the headline (worst-of-R) and single-draw accuracies with
+    their 95% Wilson intervals, and the command that reproduces the number.
+    """
+    from harness.evaluation import RunConfig, resolve, run_job
+    from harness.store import Store
+
+    cfg = RunConfig(defense=defense, threat=threat, dataset=dataset, classifier=classifier, weights=clf_weights,
+                    data_dir=data_dir, n_examples=n, overrides=tuple(overrides))
+    job = resolve(cfg)
+    res = run_job(job, Store("sqlite://"), progress=False)
+    out, m = res.as_json(), res.metrics
+
+    def ci(key: str) -> list | None:
+        return [round(m[key]["lower"], 6), round(m[key]["upper"], 6)] if m.get(key, {}).get("lower") is not None else None
+
+    sets = " ".join(f"--set {k}={v}" for k, v in overrides if k not in ("weights", "model_path"))
+    return {
+        "defense": defense,
+        "threat": threat,
+        "threat_spec": {k: job.spec.to_dict()[k] for k in ("norm", "eps", "steps", "step_size", "random_start")},
+        "defense_config": {k: v for k, v in job.defense.identity()["config"].items() if v is not None},
+        "n_examples": out["n_examples"],
+        "seed": cfg.seed,
+        "data_seed": cfg.data_seed,
+        "eval_draws": out["eval_draws"],
+        "scoring": out["scoring"],
+        "clean_accuracy": round(out["clean_accuracy"], 6),
+        "robust_accuracy": round(out["robust_accuracy"], 6),
+        "clean_accuracy_ci95": ci("clean_accuracy"),
+        "robust_accuracy_ci95": ci("robust_accuracy"),
+        "clean_accuracy_single": round(m["clean_accuracy_single"]["value"], 6),
+        "robust_accuracy_single": round(m["robust_accuracy_single"]["value"], 6),
+        "seconds_per_example": round(out["timings"]["per_example_s"], 3),
+        "command": f"harness run --defense {defense} --threat {threat} --dataset {dataset} --classifier {classifier}"
+                   + (f" --weights {Path(clf_weights).name}" if clf_weights else "")
+                   + (f" --data-dir {Path(data_dir).name}" if data_dir else "") + f" --n-examples {n}" + (f" {sets}" if sets else ""),
+    }
 
 
 def check_gpu_recipe(recipe: str, device: str) -> None:

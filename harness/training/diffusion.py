@@ -458,6 +458,47 @@ def train_diffusion(
     return record
 
 
+#: The purifiers that take a DDPM backbone, evaluated beside the undefended classifier.
+EVAL_DEFENSES = ("diffpure", "diffpure-ddpm", "coup")
+
+
+def evaluate_backbone(
+    dataset: str, *, out: str | Path | None = None, name: str | None = None, classifier: str | None = None,
+    classifier_weights: str | None = None, data_dir: str | Path | None = None, n: int = 256,
+    defenses: tuple[str, ...] = EVAL_DEFENSES,
+) -> dict:
+    """Clean and preprocessor-blind accuracy of every DDPM purifier with the written backbone; recorded in its json.
+
+    Each of ``defenses`` runs with ``model_path`` = the written ``.pt`` at its dataset
+    defaults (printed in each record's ``defense_config``), beside the undefended
+    classifier, on the first ``n`` test images drawn as every run draws them.
+
+    Returns:
+        The updated json record; its ``eval`` maps each defense (and ``none``) to its result.
+
+    Raises:
+        HarnessError: no written weights, a json whose sha256 is not the file's, or no classifier for a CIFAR dataset.
+    """
+    from harness.classifiers import default_classifier
+    from harness.training.common import engine_eval
+
+    name = name or recipe_for(dataset).name
+    pt_path, json_path = output_paths(out, name, ".pt", ".json")
+    if not (pt_path.is_file() and json_path.is_file()):
+        raise HarnessError(f"'{pt_path}' and its '{json_path.name}' are needed to evaluate; train them first")
+    record = json.loads(json_path.read_text())
+    if record.get("sha256") != sha256_file(pt_path):
+        raise HarnessError(f"'{pt_path.name}' does not match the sha256 in '{json_path.name}'; retrain instead of evaluating")
+    clf = classifier or default_classifier(dataset)
+    data = str(data_dir) if data_dir is not None else None
+    results = {"none": engine_eval("none", dataset, clf, classifier_weights, data, n)}
+    for d in defenses:
+        results[d] = engine_eval(d, dataset, clf, classifier_weights, data, n, (("model_path", str(pt_path)),))
+    record["eval"] = results
+    write_record(record, json_path)
+    return record
+
+
 def _command(dataset: str, steps: int, seed: int, data_dir, recipe: DiffusionRecipe) -> str:
     cmd = f"harness train diffusion --dataset {dataset} --steps {steps} --seed {seed} --threads {torch.get_num_threads()}"
     if data_dir is not None:
@@ -481,11 +522,36 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from <out>/<name>.ckpt (written every few minutes and on Ctrl-C)")
     p.add_argument("--no-grid", dest="grid", action="store_false", help="skip the PNG")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 is fastest on a busy machine)")
+    p.add_argument("--classifier", default=None,
+                   help="classifier of the recorded evaluation (default: the dataset's; CIFAR: pass resnet20 and --weights)")
+    p.add_argument("--weights", default=None, help="that classifier's weights (as in harness run)")
+    p.add_argument("--eval-n", type=int, default=256,
+                   help="test images of the recorded evaluation of diffpure, diffpure-ddpm and coup (0 = skip)")
+    p.add_argument("--eval-only", action="store_true", help="only (re)compute the recorded evaluation of the written weights")
+
+
+def _evaluate_after(args: argparse.Namespace) -> dict | None:
+    from harness.data import DATASETS
+
+    if not args.eval_n:
+        return None
+    if DATASETS.get(args.dataset).needs_data_dir and (args.classifier is None or args.eval_data_dir is None):
+        print(f"no evaluation recorded: {args.dataset} needs --classifier, --weights and --eval-data-dir")
+        return None
+    rec = evaluate_backbone(args.dataset, out=args.out, name=recipe_for(args.dataset, args.recipe).name, classifier=args.classifier,
+                            classifier_weights=args.weights, data_dir=args.eval_data_dir, n=args.eval_n)
+    for d, ev in rec["eval"].items():
+        print(f"  {d}: clean {ev['clean_accuracy']:.4f}, preprocessor-blind robust {ev['robust_accuracy']:.4f} "
+              f"(n={ev['n_examples']}, worst of {ev['eval_draws']})")
+    return rec
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.eval_only:
+        _evaluate_after(args)
+        return 0
     check_gpu_recipe(args.recipe, args.device)
     rec = train_diffusion(args.dataset, steps=args.steps, seed=args.seed, out=args.out, device=args.device, grid=args.grid,
                           data_dir=args.data_dir, eval_data_dir=args.eval_data_dir, resume=args.resume, recipe=args.recipe)
@@ -494,6 +560,7 @@ def _run(args: argparse.Namespace) -> int:
         f"held-out eps MSE {rec['heldout_eps_mse_by_timestep']}; wrote {output_paths(args.out, rec['name'], '.pt')[0]} "
         f"(sha256 {rec['sha256'][:12]}), {rec['name']}.json" + (f" and {rec['name']}.png" if rec["sample_grid"] else "")
     )
+    _evaluate_after(args)
     return 0
 
 

@@ -56,6 +56,7 @@ from harness.training.common import (
     WEIGHTS_DIR,
     atomic_save,
     checkpoint_or_stop,
+    engine_eval,
     check_gpu_recipe,
     load_resume_checkpoint,
     output_paths,
@@ -295,30 +296,7 @@ def cfm_loss(velocity: VelocityField, x0: torch.Tensor, x1: torch.Tensor, t: tor
 
 def _evaluate(variant: str, dataset: str, classifier: str, clf_weights: str | None, data_dir: str | None, pt_path: Path, n: int) -> dict:
     """Clean and preprocessor-blind robust accuracy of the written flow, with the harness engine."""
-    from harness.evaluation import RunConfig, resolve, run_job
-    from harness.store import Store
-
-    cfg = RunConfig(
-        defense=f"flowpure-{variant}", threat="preprocessor-blind", dataset=dataset, classifier=classifier,
-        weights=clf_weights, data_dir=data_dir, n_examples=n, overrides=(("weights", str(pt_path)),),
-    )
-    job = resolve(cfg)
-    out = run_job(job, Store("sqlite://"), progress=False).as_json()
-    m = out["metrics"]
-    return {
-        "threat": "preprocessor-blind",
-        "threat_spec": {k: job.spec.to_dict()[k] for k in ("norm", "eps", "steps", "step_size", "random_start")},
-        "n_examples": out["n_examples"],
-        "seed": cfg.seed,
-        "data_seed": cfg.data_seed,
-        "eval_draws": out["eval_draws"],
-        "scoring": out["scoring"],
-        "clean_accuracy": round(out["clean_accuracy"], 6),
-        "robust_accuracy": round(out["robust_accuracy"], 6),
-        "clean_accuracy_single": round(m["clean_accuracy_single"], 6),
-        "robust_accuracy_single": round(m["robust_accuracy_single"], 6),
-        "command": f"harness run --defense flowpure-{variant} --threat preprocessor-blind --dataset {dataset} --n-examples {n}",
-    }
+    return engine_eval(f"flowpure-{variant}", dataset, classifier, clf_weights, data_dir, n, (("weights", str(pt_path)),))
 
 
 # --------------------------------------------------------------------------- training

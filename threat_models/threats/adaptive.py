@@ -9,7 +9,15 @@ EOT) against a stochastic one, chosen from the defense's declared ``stochastic``
 Against a stochastic defense DiffHammer runs as well (the ``diffhammer-stochastic`` suite,
 empty for a deterministic one): it is the spec's recommended attack on FlowPure-Gauss, and
 the cell is the per-example minimum, so adding it can only lower robust accuracy. On the
-digit datasets it runs 10 iterations per restart (a CPU budget) with the spec's 10 evaluation draws.
+digit datasets and CIFAR it runs 10 iterations per restart (a CPU budget) with the spec's 10
+evaluation draws.
+
+The digit datasets and CIFAR take a CPU budget by default (PGD-40, EOT 4, APGD 40 iterations,
+Square 1000 queries, DiffHammer 10 iterations): an adaptive CIFAR cell through a diffusion
+purifier at the papers' budget (PGD-200 with EOT 20, AutoAttack-rand with EOT 20) takes days of
+CPU. The papers' protocol is one ``--set`` away (``steps=200 eot_samples=20 apgd_steps=100
+square.n_queries=5000 diffhammer.n_iter=50``), as
+``grids/paper-cifar10-adaptive.yaml`` writes it.
 """
 
 from threat_models.specs import L2_EPS, ThreatModel, family_defaults, register_threat
@@ -30,6 +38,9 @@ register_threat(
             {
                 "digits": {"steps": 40, "eot_samples": 4, "apgd_steps": 40, "attack_options": DIGITS_OPTIONS},
                 "mnist": {"steps": 40, "eot_samples": 4, "apgd_steps": 40, "attack_options": DIGITS_OPTIONS},
+                # CIFAR on a CPU (the shipped small purifiers): the digits budget; the papers' protocol is
+                # steps=200 eot_samples=20 apgd_steps=100 and the attacks' own defaults (grids/paper-cifar10-adaptive.yaml)
+                "cifar": {"steps": 40, "eot_samples": 4, "apgd_steps": 40, "attack_options": DIGITS_OPTIONS},
             }
         ),
         l2_eps=L2_EPS,
