@@ -121,12 +121,19 @@ HF_CACHE_DIR: str | None = None
 NCSNPP_BACKBONES: dict[str, str] = {"cifar10": "checkpoint_8.pth"}
 
 #: Network families of ``model_path`` (the diffusion defenses' ``backbone`` option).
-Backbone = Literal["unet2d", "ncsnpp"]
+Backbone = Literal["unet2d", "ncsnpp", "guided-diffusion"]
 BACKBONE_HELP = (
-    "network of model_path: unet2d (a diffusers UNet2DModel folder, or .pt with its .json recipe) or ncsnpp "
-    "(a score_sde_pytorch checkpoint: DiffPure's CIFAR-10 checkpoint_8.pth, DDPM++ deep continuous, EMA weights)"
+    "network of model_path: unet2d (a diffusers UNet2DModel folder, or .pt with its .json recipe), ncsnpp "
+    "(a score_sde_pytorch checkpoint: DiffPure's CIFAR-10 checkpoint_8.pth, DDPM++ deep continuous, EMA weights) or "
+    "guided-diffusion (OpenAI's 256x256_diffusion_uncond.pt, DiffPure's ImageNet model, in DiffPure's fp16 mode)"
 )
-MODEL_PATH_HELP = "diffusers UNet2DModel folder, or .pt with its .json recipe; with backbone=ncsnpp a score-SDE checkpoint"
+MODEL_PATH_HELP = (
+    "diffusers UNet2DModel folder, or .pt with its .json recipe; with backbone=ncsnpp a score-SDE checkpoint, "
+    "with backbone=guided-diffusion a guided-diffusion checkpoint"
+)
+#: Datasets with a published guided-diffusion checkpoint (``backbone=guided-diffusion``): dataset -> file name,
+#: searched as ``WEIGHTS_DIR/guided_diffusion/<file>`` (DiffPure's ``pretrained/guided_diffusion/``), then ``WEIGHTS_DIR/<file>``.
+GUIDED_BACKBONES: dict[str, str] = {"imagenet": "256x256_diffusion_uncond.pt", "imagenet-rb5000": "256x256_diffusion_uncond.pt"}
 
 
 
@@ -239,7 +246,34 @@ def check_model_path(model_path: str | None, backbone: str = "unet2d") -> None:
         from defenses.networks.ncsnpp import missing_checkpoint
 
         raise missing_checkpoint(p)
+    if backbone == "guided-diffusion":
+        from defenses.networks.guided_diffusion import missing_checkpoint as missing_guided
+
+        raise missing_guided(p)
     raise HarnessError(f"model_path '{p}' does not exist (give a diffusers UNet2DModel folder or a .pt with its .json recipe)")
+
+
+def _published_checkpoint(
+    what: str, files: dict[str, str], folder: str, source: str, load: Callable[[Any], tuple[nn.Module, dict[str, Any]]],
+    dataset: str, model_path: str | None, weights_dir: Path | None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """``load(model_path)``, else ``load`` of ``weights_dir/<folder>/<file>`` or ``weights_dir/<file>``
+    (``<file>`` = ``files[dataset]``, the dataset's published checkpoint); else a one-line error naming
+    the place and ``source`` (where it is published).
+    """
+    if model_path:
+        return load(model_path)
+    name = files.get(dataset)
+    if name is None:
+        raise HarnessError(f"no {what} checkpoint is known for dataset '{dataset}': pass --set model_path=FILE")
+    for cand in ([Path(weights_dir) / folder / name, Path(weights_dir) / name] if weights_dir else []):
+        if cand.is_file():
+            return load(cand)
+    where = f"{weights_dir}/{folder}/{name}" if weights_dir else f"WEIGHTS_DIR/{folder}/{name}"
+    raise MissingFileError(
+        f"{what} checkpoint {name} for '{dataset}' not found: put it at {where} and pass --weights-dir, "
+        f"or pass --set model_path=FILE ({source})"
+    )
 
 
 def load_ncsnpp_backbone(dataset: str, model_path: str | None, weights_dir: Path | None) -> tuple[nn.Module, dict[str, Any]]:
@@ -249,19 +283,21 @@ def load_ncsnpp_backbone(dataset: str, model_path: str | None, weights_dir: Path
     """
     from defenses.networks.ncsnpp import SCORE_SDE_SOURCE, load_score_sde_checkpoint
 
-    if model_path:
-        return load_score_sde_checkpoint(model_path)
-    name = NCSNPP_BACKBONES.get(dataset)
-    if name is None:
-        raise HarnessError(f"no score-SDE NCSN++ checkpoint is known for dataset '{dataset}': pass --set model_path=FILE")
-    for cand in ([Path(weights_dir) / "score_sde" / name, Path(weights_dir) / name] if weights_dir else []):
-        if cand.is_file():
-            return load_score_sde_checkpoint(cand)
-    where = f"{weights_dir}/score_sde/{name}" if weights_dir else f"WEIGHTS_DIR/score_sde/{name}"
-    raise HarnessError(
-        f"score-SDE checkpoint {name} for '{dataset}' not found: put it at {where} and pass --weights-dir, "
-        f"or pass --set model_path=FILE ({SCORE_SDE_SOURCE})"
-    )
+    return _published_checkpoint("score-SDE NCSN++", NCSNPP_BACKBONES, "score_sde", SCORE_SDE_SOURCE,
+                                 load_score_sde_checkpoint, dataset, model_path, weights_dir)
+
+
+def load_guided_backbone(dataset: str, model_path: str | None, weights_dir: Path | None) -> tuple[nn.Module, dict[str, Any]]:
+    """The guided-diffusion UNet of ``model_path``, else ``weights_dir/guided_diffusion/<file>``, else ``weights_dir/<file>``.
+
+    ``<file>`` is the dataset's published checkpoint (:data:`GUIDED_BACKBONES`); the
+    architecture is DiffPure's ImageNet model unless a ``<stem>.json`` beside the file
+    says otherwise (:func:`defenses.networks.guided_diffusion.load_guided_diffusion`).
+    """
+    from defenses.networks.guided_diffusion import CHECKPOINT_SOURCE, load_guided_diffusion
+
+    return _published_checkpoint("guided-diffusion", GUIDED_BACKBONES, "guided_diffusion", CHECKPOINT_SOURCE,
+                                 load_guided_diffusion, dataset, model_path, weights_dir)
 
 
 def load_backbone(
@@ -269,7 +305,8 @@ def load_backbone(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Find and load the noise-prediction network of a dataset.
 
-    ``backbone="ncsnpp"``: a score-SDE checkpoint (:func:`load_ncsnpp_backbone`).
+    ``backbone="ncsnpp"``: a score-SDE checkpoint (:func:`load_ncsnpp_backbone`);
+    ``backbone="guided-diffusion"``: a guided-diffusion checkpoint (:func:`load_guided_backbone`).
     Otherwise a UNet, in this order: ``model_path`` (a diffusers folder, or a ``.pt`` with
     its ``.json`` recipe); ``weights_dir/<name>.pt`` (the shipped name) and, for CIFAR-10,
     ``weights_dir/ddpm-cifar10-32`` (or ``weights_dir`` itself, a diffusers folder); the
@@ -284,6 +321,8 @@ def load_backbone(
     """
     if backbone == "ncsnpp":
         return load_ncsnpp_backbone(dataset, model_path, weights_dir)
+    if backbone == "guided-diffusion":
+        return load_guided_backbone(dataset, model_path, weights_dir)
     if model_path:
         check_model_path(model_path, backbone)
         p = Path(model_path).expanduser()
@@ -345,6 +384,16 @@ class EpsNet(nn.Module):
         if out.shape[1] != x.shape[1]:
             out = out[:, : x.shape[1]]
         return out
+
+    def at_time(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        """eps at VP time t in [0, 1]: the network's own ``vp_timesteps(t, x)`` where it has one
+        (the guided-diffusion UNet: DiffPure's ``floor(1000 t)``), else ``999 t`` (score_sde's continuous
+        convention, also the DDPM-trained UNets').
+        """
+        vp = getattr(self.net, "vp_timesteps", None)
+        if vp is not None:
+            return self(x, vp(t, x))
+        return self(x, torch.full((x.shape[0],), (NUM_TIMESTEPS - 1) * t, dtype=x.dtype, device=x.device))
 
 
 def backbone_shape(net: nn.Module, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -458,16 +507,20 @@ class ReverseVPSDE(nn.Module):
         x <- x + h [beta(t)/2 x + beta(t) (s_theta(x, t) + lambda guidance(x))] + sqrt(beta(t) h) z,
 
     with s_theta(x, t) = -eps_theta(x, 999 t) / sqrt(1 - alpha_bar(t)) (continuous
-    alpha_bar, the official ``score_sde`` convention). In torchsde terms: drift
-    ``f(s, y)`` = h [...], diffusion ``g(s)`` = sqrt(beta(t) h), ``dt = 1``.
+    alpha_bar, the official ``score_sde`` convention; the network's own time input where
+    :meth:`EpsNet.at_time` knows one). In torchsde terms: drift ``f(s, y)`` = h [...],
+    diffusion ``g(s)`` = sqrt(beta(t) h), ``dt = 1``.
 
     Args:
-        eps_net: eps_theta(x, timesteps).
+        eps_net: eps_theta(x, timesteps) (an :class:`EpsNet`, or any ``net(x, timesteps)``).
         image_shape: (C, H, W) of the states (torchsde works on flat (B, C*H*W) states).
         t_start: t* where integration starts.
         n_steps: N.
         t_end: where it stops.
         guidance: optional ``guidance(x) -> tensor like x`` (already scaled by lambda).
+        times: optional explicit grid t_0 = t_start > t_1 > ... > t_N (N + 1 floats): step k
+            then goes from t_k to t_{k+1} with h_k = t_k - t_{k+1} (e.g. torchsde's float32
+            grid, to replay a reference solve); None = the uniform grid.
     """
 
     noise_type = "diagonal"
@@ -481,6 +534,7 @@ class ReverseVPSDE(nn.Module):
         n_steps: int,
         t_end: float = T_END,
         guidance: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        times: list[float] | None = None,
     ):
         super().__init__()
         self.eps_net = eps_net
@@ -488,23 +542,42 @@ class ReverseVPSDE(nn.Module):
         self.t_start, self.t_end, self.n_steps = float(t_start), float(t_end), int(n_steps)
         self.h = (self.t_start - self.t_end) / self.n_steps
         self.guidance = guidance
+        self.times = None if times is None else [float(v) for v in times]
+        if self.times is not None and (len(self.times) != self.n_steps + 1 or any(a <= b for a, b in zip(self.times, self.times[1:]))):
+            raise HarnessError(f"ReverseVPSDE: times must be {self.n_steps + 1} decreasing values, got {len(self.times)}")
+
+    def _grid_index(self, s: float) -> int:
+        k = round(s)
+        if abs(s - k) > 1e-6:
+            raise HarnessError(f"ReverseVPSDE: an explicit time grid is queried at step-time s={s}, not a grid point")
+        return min(max(k, 0), self.n_steps)
 
     def time(self, s: float) -> float:
-        return self.t_start - s * self.h
+        return self.t_start - s * self.h if self.times is None else self.times[self._grid_index(s)]
+
+    def step_size(self, s: float) -> float:
+        """h, or on an explicit grid h_k of the step that starts at s (the last step's at s = N)."""
+        if self.times is None:
+            return self.h
+        k = min(self._grid_index(s), self.n_steps - 1)
+        return self.times[k] - self.times[k + 1]
 
     def drift(self, s: float, x: torch.Tensor) -> torch.Tensor:
         """Drift increment h [beta/2 x + beta (score + guidance)] at step-time s; x image-shaped."""
-        t = self.time(s)
+        t, h = self.time(s), self.step_size(s)
         b = beta_t(t)
-        timesteps = torch.full((x.shape[0],), (NUM_TIMESTEPS - 1) * t, dtype=x.dtype, device=x.device)
-        eps = self.eps_net(x, timesteps)
+        at_time = getattr(self.eps_net, "at_time", None)
+        if at_time is not None:
+            eps = at_time(x, t)
+        else:
+            eps = self.eps_net(x, torch.full((x.shape[0],), (NUM_TIMESTEPS - 1) * t, dtype=x.dtype, device=x.device))
         score = eps * (-1.0 / math.sqrt(1.0 - continuous_alpha_bar(t)))
         if self.guidance is not None:
             score = score + self.guidance(x)
-        return (0.5 * b * self.h) * x + (b * self.h) * score
+        return (0.5 * b * h) * x + (b * h) * score
 
     def diffusion(self, s: float) -> float:
-        return math.sqrt(beta_t(self.time(s)) * self.h)
+        return math.sqrt(beta_t(self.time(s)) * self.step_size(s))
 
     def step(self, x: torch.Tensor, z: torch.Tensor, k: int) -> torch.Tensor:
         """One Euler-Maruyama step k -> k+1 with the standard normal increment z."""
@@ -782,7 +855,9 @@ class DiffusionDefense(TransferMixin, Defense):
                 self.training_dataset(ctx), getattr(cfg, "model_path", None), ctx.weights_dir, getattr(cfg, "backbone", "unet2d")
             )
             self.use_backbone(net, source)
-        self.bind_transfer(ctx, backbone_shape(self.eps_net.net, self.image_shape))
+        # the backbone says how its authors resized to it (DiffPure's ImageNet model: bilinear without antialiasing)
+        antialias = bool(getattr(self.eps_net.net, "resize_antialias", True))
+        self.bind_transfer(ctx, backbone_shape(self.eps_net.net, self.image_shape), antialias=antialias)
         self.to(ctx.device)
 
     def identity(self) -> dict[str, Any]:

@@ -46,10 +46,10 @@ def adapter_field(help_text: str = ADAPTER_HELP) -> Any:
     return field(default="auto", metadata={"help": help_text})
 
 
-def _resize(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+def _resize(x: torch.Tensor, hw: tuple[int, int], antialias: bool = True) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(hw):
         return x
-    return F.interpolate(x, size=tuple(hw), mode="bilinear", align_corners=False, antialias=True)
+    return F.interpolate(x, size=tuple(hw), mode="bilinear", align_corners=False, antialias=antialias)
 
 
 def _channels(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -64,19 +64,25 @@ def _channels(x: torch.Tensor, c: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Adapter:
-    """Maps images of ``data_shape`` to the purifier's ``inner_shape`` (C, H, W) and back."""
+    """Maps images of ``data_shape`` to the purifier's ``inner_shape`` (C, H, W) and back.
+
+    ``antialias``: the bilinear resize is antialiased (the default); off for a purifier
+    whose authors resized without it (DiffPure's ImageNet 224 <-> 256, ``F.interpolate``
+    with ``align_corners=False``).
+    """
 
     data_shape: tuple[int, int, int]
     inner_shape: tuple[int, int, int]
     mode: str
+    antialias: bool = True
 
     def to_purifier(self, x: torch.Tensor) -> torch.Tensor:
         """Data images -> purifier images."""
-        return _resize(_channels(x, self.inner_shape[0]), self.inner_shape[1:])
+        return _resize(_channels(x, self.inner_shape[0]), self.inner_shape[1:], self.antialias)
 
     def from_purifier(self, x: torch.Tensor) -> torch.Tensor:
         """Purifier images -> data images."""
-        return _channels(_resize(x, self.data_shape[1:]), self.data_shape[0])
+        return _channels(_resize(x, self.data_shape[1:], self.antialias), self.data_shape[0])
 
     def note(self, name: str, trained_on: str, dataset: str) -> str:
         """The setup note that says what the adapter does."""
@@ -84,7 +90,8 @@ class Adapter:
         how = "tiles after a resize" if self.mode == "tile" else "a resize"
         chan = "" if self.data_shape[0] == self.inner_shape[0] else (
             ", channels replicated" if self.data_shape[0] == 1 else ", channels averaged")
-        return f"{name}: trained on '{trained_on}' ({p}); '{dataset}' images {d} -> {p} and back by {how} (bilinear{chan})"
+        alias = "" if self.antialias else ", no antialiasing"
+        return f"{name}: trained on '{trained_on}' ({p}); '{dataset}' images {d} -> {p} and back by {how} (bilinear{alias}{chan})"
 
 
 class TransferMixin:
@@ -96,11 +103,14 @@ class TransferMixin:
         """The dataset whose weights to load: ``trained_on``, else the evaluated one."""
         return self.config.trained_on or ctx.dataset
 
-    def bind_transfer(self, ctx, inner_shape: tuple[int, int, int] | None, mode: str | None = None) -> None:
+    def bind_transfer(
+        self, ctx, inner_shape: tuple[int, int, int] | None, mode: str | None = None, antialias: bool = True
+    ) -> None:
         """Choose the adapter from the purifier's image shape, add its setup note, and fill in ``trained_on``.
 
         ``inner_shape=None`` means the purifier takes the data's shape (nothing to adapt);
-        ``mode`` overrides the configured adapter (a defense's resolved ``auto``).
+        ``mode`` overrides the configured adapter (a defense's resolved ``auto``);
+        ``antialias`` goes to the :class:`Adapter`.
         """
         trained_on = self.training_dataset(ctx)
         data = tuple(int(v) for v in ctx.image_shape)
@@ -113,7 +123,7 @@ class TransferMixin:
                     f"{self.name}: the purifier (trained on '{trained_on}') takes {'x'.join(map(str, inner))} images but "
                     f"'{ctx.dataset}' has {'x'.join(map(str, data))} (adapter=none; use adapter=auto or resize)"
                 )
-            self.adapter = Adapter(data_shape=data, inner_shape=inner, mode="resize" if mode == "auto" else mode)
+            self.adapter = Adapter(data_shape=data, inner_shape=inner, mode="resize" if mode == "auto" else mode, antialias=antialias)
             self.setup_notes = list(self.setup_notes) + [self.adapter.note(self.name, trained_on, ctx.dataset)]
         if self.config.trained_on != trained_on:
             self.config = dataclasses.replace(self.config, trained_on=trained_on)

@@ -65,6 +65,15 @@ def labels():
     return torch.tensor([0, 1, 2, 3, 4, 5])
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: the reference fixtures were computed so, and summation order moves float32 results."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path | None:
     """$HARNESS_SHARED (CI sets it to ../shared); tests needing it skip only when unset."""

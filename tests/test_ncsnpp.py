@@ -56,14 +56,6 @@ def fx(shared_dir) -> Path:
     return path
 
 
-@pytest.fixture
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _json(fx: Path, name: str) -> dict:
     return json.loads((fx / name).read_text())
 
