@@ -21,6 +21,16 @@ Four datasets are registered in :data:`DATASETS`:
     files, decoded on load) in place of ``x``. An npz holds whatever split it was made
     from; it is used as the split that was asked for.
 
+- ``imagenet``: the ILSVRC2012 validation set (50000 images, 1000 classes) from a
+  user-supplied ``data_dir`` (:mod:`harness.imagenet`): torchvision's ``ImageFolder``
+  layout (one folder per synset, or a root holding ``val/``), or the flat folder of
+  ``ILSVRC2012_val_*.JPEG`` with its ground truth (the devkit, ``LOC_val_solution.csv``
+  or a ``val.txt``). Images are decoded on demand (only the drawn subset), resized to
+  256 and centre-cropped to 224, as DiffPure and RobustBench do; the order is
+  ``ImageFolder``'s, so ``data_seed`` s with n = 16 is DiffPure's subset s.
+- ``imagenet-rb5000``: the same folder restricted to RobustBench's 5000-image list
+  (``robustbench/helper_files/imagenet_test_image_ids.txt``, in that order).
+
 The torchvision folder is read here rather than through
 ``torchvision.datasets.CIFAR10``: torchvision md5-checks every file against the
 official release (so it refuses a partial or re-packed folder) and unpickles them
@@ -62,7 +72,7 @@ class DatasetInfo:
 
     Attributes:
         name: Registry key.
-        family: ``"digits"``, ``"mnist"`` or ``"cifar"``; threat models pick per-family budgets.
+        family: ``"digits"``, ``"mnist"``, ``"cifar"`` or ``"imagenet"``; threat models pick per-family budgets.
         num_classes: Number of classes.
         image_shape: ``(C, H, W)``.
         default_n: Default evaluation-subset size.
@@ -97,6 +107,15 @@ for _info in (
     DatasetInfo(
         "cifar100", "cifar", 100, (3, 32, 32), 512, True,
         "CIFAR-100 (fine labels) from --data-dir (torchvision cifar-100-python folder or .npz with x, y or y_fine)",
+    ),
+    DatasetInfo(
+        "imagenet", "imagenet", 1000, (3, 224, 224), 512, True,
+        "ImageNet validation (50000) from --data-dir (synset folders, or ILSVRC2012_val_*.JPEG with ground truth); "
+        "resize 256, crop 224",
+    ),
+    DatasetInfo(
+        "imagenet-rb5000", "imagenet", 1000, (3, 224, 224), 5000, True,
+        "RobustBench's 5000-image ImageNet list, from the same --data-dir as imagenet",
     ),
 ):
     DATASETS.register(_info.name, _info)
@@ -133,6 +152,14 @@ class _Raw:
     x: np.ndarray  # uint8 or float32, NCHW
     y: np.ndarray  # int64
     source: dict[str, Any]
+
+    def images(self, indices: np.ndarray | None = None) -> np.ndarray:
+        """The images at ``indices`` (all of them for None)."""
+        return self.x if indices is None else self.x[indices]
+
+    def subset_source(self, indices: np.ndarray) -> dict[str, Any]:
+        """What identifies the images at ``indices``: the source (it hashes the whole split)."""
+        return dict(self.source)
 
 
 def _check_split(split: str) -> None:
@@ -382,11 +409,18 @@ def _resolve_data_dir(name: str, data_dir: str | Path | None) -> Path:
     return path.resolve()
 
 
-def _load_raw(name: str, split: str, data_dir: str | Path | None) -> _Raw:
+def _load_raw(name: str, split: str, data_dir: str | Path | None) -> Any:
+    """The split as a :class:`_Raw` (decoded arrays) or, for ImageNet, a :class:`harness.imagenet.ImageIndex`
+    (file list and labels, decoded on demand); both have ``y``, ``source`` and ``images(indices)``.
+    """
     info = DATASETS.get(name)
     _check_split(split)
     if not info.needs_data_dir:
         return _load_bundled(name, split)
+    if info.family == "imagenet":
+        from harness import imagenet
+
+        return imagenet.load_index(name, split, data_dir)
     path = _resolve_data_dir(name, data_dir)
     st = path.stat()
     return _load_cifar_cached(name, split, path, (st.st_mtime_ns, st.st_size))
@@ -419,7 +453,7 @@ def load_split(name: str, split: str = "test", data_dir: str | Path | None = Non
         HarnessError: unknown dataset or split, missing ``data_dir``, or malformed files.
     """
     raw = _load_raw(name, split, data_dir)
-    return _to_tensor(raw.x), torch.from_numpy(raw.y.copy())
+    return _to_tensor(raw.images()), torch.from_numpy(raw.y.copy())
 
 
 @dataclass(frozen=True, eq=False)
@@ -486,7 +520,7 @@ def eval_subset(
     if n > total:
         raise HarnessError(f"n={n} is more than the {total} images of the {split} split of '{name}'")
     indices = np.random.RandomState(data_seed).choice(total, n, replace=False).astype(np.int64)
-    x = _to_tensor(raw.x[indices])
+    x = _to_tensor(raw.images(indices))
     y = torch.from_numpy(raw.y[indices].copy())
     identity = {
         "dataset": name,
@@ -494,6 +528,6 @@ def eval_subset(
         "n": n,
         "data_seed": int(data_seed),
         "indices_sha256": hashlib.sha256(indices.astype("<i8").tobytes()).hexdigest(),
-        "source": dict(raw.source),
+        "source": raw.subset_source(indices),
     }
     return EvalSubset(dataset=name, x=x, y=y, indices=indices, data_seed=int(data_seed), identity=identity)
