@@ -10,8 +10,16 @@ knowing about preprocessing. Entries of :data:`CLASSIFIERS`:
 - ``resnet20`` .. ``resnet56``: the CIFAR ResNets of He et al. (2016) in the layout of
   Yerlan Idelbayev's checkpoints (``module.`` keys, option-A shortcuts); the weights
   file is required (``--weights``) and its sha256 is checked against the name.
-- ``rb:<ModelName>``: any RobustBench CIFAR-10/100 Linf model, loaded offline from
-  ``--model-dir`` (``{model_dir}/{dataset}/Linf/{ModelName}.pt``).
+- ``resnet50-v1``, ``resnet50-v2``, ``wide-resnet50-2-v1``, ``wide-resnet50-2-v2``
+  (torchvision's ImageNet weights; ``v1`` is ``pretrained=True``, DiffPure's and Lee &
+  Kim's ResNet-50 and DiffPure's WRN-50-2; MAEP's 80.85% ResNet-50 is ``v2``) and
+  ``deit-s`` (DeiT-S, ``deit_small_patch16_224``, DiffPure's ``torch.hub`` model, built
+  with timm): ImageNet classifiers from the user's ``--weights`` file, whose sha256 must
+  start with the published prefix in its file name (torch.hub's own check; the full
+  digests are not published), with ImageNet's normalisation inside.
+- ``rb:<ModelName>``: any RobustBench CIFAR-10/100 or ImageNet Linf model, loaded offline
+  from ``--model-dir`` (``{model_dir}/{dataset}/Linf/{ModelName}.pt``; ``imagenet`` for
+  both ImageNet datasets).
 
 :func:`load_classifier` returns a :class:`LoadedClassifier` in eval mode with frozen
 parameters; its ``identity`` (name, architecture, weights sha256) enters the job hash.
@@ -50,6 +58,9 @@ _CHECKPOINT_NAME = re.compile(r"^(resnet\d+)-([0-9a-fA-F]{6,64})\.th$")
 
 CIFAR_MEAN = (0.485, 0.456, 0.406)
 CIFAR_STD = (0.229, 0.224, 0.225)
+#: torchvision's ImageNet normalisation (DiffPure wraps all three of its ImageNet classifiers in it).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 
@@ -262,6 +273,11 @@ def default_classifier(dataset: str) -> str:
         HarnessError: for CIFAR, which has no shipped classifier.
     """
     DATASETS.get(dataset)  # did-you-mean for a typo
+    if DATASETS.get(dataset).family == "imagenet":
+        raise HarnessError(
+            f"dataset '{dataset}' has no default classifier: pass --classifier, e.g. '--classifier resnet50-v1 --weights "
+            f"PATH/resnet50-0676ba61.pth' (torchvision's), deit-s, wide-resnet50-2-v1 or '--classifier rb:NAME --model-dir DIR'"
+        )
     if dataset not in _DEFAULTS:
         raise HarnessError(
             f"dataset '{dataset}' has no default classifier: pass --classifier, e.g. "
@@ -417,6 +433,122 @@ for _depth in (20, 32, 44, 56):
     )
 
 
+# --------------------------------------------------------------------------- ImageNet classifiers
+@dataclass(frozen=True)
+class ImageNetWeights:
+    """A published ImageNet checkpoint: how to build its network and where the file comes from.
+
+    ``file`` carries the first 8 hex digits of the file's sha256 (the torch.hub naming
+    convention, which torch.hub checks on download); nothing publishes the full digest.
+    """
+
+    name: str
+    arch: str
+    file: str
+    url: str
+    source: str
+    top1: float
+
+    @property
+    def sha256_prefix(self) -> str:
+        """The published sha256 prefix (from the file name)."""
+        return re.search(r"-([0-9a-f]{8,})\.pth$", self.file).group(1)
+
+    def build(self) -> nn.Module:
+        """The network with random weights (the file's state_dict loads into it)."""
+        if self.arch == "deit_small_patch16_224":
+            import timm
+
+            return timm.create_model(self.arch, pretrained=False)
+        import torchvision.models as tvm
+
+        return getattr(tvm, self.arch)(weights=None)
+
+
+def _torchvision_weights(name: str, arch: str, enum: str, member: str, top1: float) -> ImageNetWeights:
+    url = f"https://download.pytorch.org/models/{_TORCHVISION_FILES[(enum, member)]}"
+    return ImageNetWeights(name, arch, url.rsplit("/", 1)[1], url, f"torchvision.models.{enum}.{member}", top1)
+
+
+#: torchvision's file names (``<Weights>.url``; read here without importing torchvision.models).
+_TORCHVISION_FILES = {
+    ("ResNet50_Weights", "IMAGENET1K_V1"): "resnet50-0676ba61.pth",
+    ("ResNet50_Weights", "IMAGENET1K_V2"): "resnet50-11ad3fa6.pth",
+    ("Wide_ResNet50_2_Weights", "IMAGENET1K_V1"): "wide_resnet50_2-95faca4d.pth",
+    ("Wide_ResNet50_2_Weights", "IMAGENET1K_V2"): "wide_resnet50_2-9ba9bcbe.pth",
+}
+IMAGENET_WEIGHTS: dict[str, ImageNetWeights] = {
+    w.name: w
+    for w in (
+        _torchvision_weights("resnet50-v1", "resnet50", "ResNet50_Weights", "IMAGENET1K_V1", 76.13),
+        _torchvision_weights("resnet50-v2", "resnet50", "ResNet50_Weights", "IMAGENET1K_V2", 80.858),
+        _torchvision_weights("wide-resnet50-2-v1", "wide_resnet50_2", "Wide_ResNet50_2_Weights", "IMAGENET1K_V1", 78.468),
+        _torchvision_weights("wide-resnet50-2-v2", "wide_resnet50_2", "Wide_ResNet50_2_Weights", "IMAGENET1K_V2", 81.602),
+        ImageNetWeights(
+            "deit-s", "deit_small_patch16_224", "deit_small_patch16_224-cd65a155.pth",
+            "https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth",
+            "facebookresearch/deit (torch.hub 'deit_small_patch16_224', pretrained=True; timm's original deit_small_patch16_224)",
+            79.9,
+        ),
+    )
+}
+IMAGENET_DATASETS = ("imagenet", "imagenet-rb5000")
+
+
+class ImageNetClassifier(nn.Module):
+    """An ImageNet network behind torchvision's normalisation: [0, 1] images in, 1000 logits out."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+
+def _published(w: ImageNetWeights) -> str:
+    return f"{w.file}, published at {w.url} ({w.source})"
+
+
+def _load_imagenet(name: str, dataset: str, weights, model_dir, device) -> LoadedClassifier:
+    w = IMAGENET_WEIGHTS[name]
+    if weights is None:
+        raise HarnessError(f"classifier '{name}' needs --weights PATH to {_published(w)}")
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise MissingFileError(f"weights file '{path}' does not exist: classifier '{name}' loads {_published(w)}")
+    digest = sha256_file(path)
+    if not digest.startswith(w.sha256_prefix):
+        raise HarnessError(
+            f"'{path.name}' has sha256 {digest[:16]}..., not the published {w.sha256_prefix}... of {w.file}: "
+            f"classifier '{name}' takes only that file ({w.url})"
+        )
+    state = _torch_load(path)
+    if not isinstance(state, dict):
+        raise HarnessError(f"weights '{path}' do not hold a state_dict")
+    net = w.build()
+    if w.arch == "deit_small_patch16_224":
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        state = checkpoint_filter_fn(state, net)  # the hub file's {'model': state_dict}, as timm reads it
+    _strict_load(net, state, path)
+    identity = {"name": name, "arch": f"ImageNetClassifier({w.arch}, torchvision normalisation)-v1", "sha256": digest,
+                "published_file": w.file}
+    info = {"weights_file": path.name, "published_top1": w.top1, "sha256_checked": f"prefix {w.sha256_prefix} (published)"}
+    return LoadedClassifier(name, _finish(ImageNetClassifier(net), device), digest, identity, info)
+
+
+for _w in IMAGENET_WEIGHTS.values():
+    CLASSIFIERS.register(
+        _w.name,
+        ClassifierEntry(
+            _w.name, IMAGENET_DATASETS,
+            f"ImageNet {_w.arch} ({_w.source}, top-1 {_w.top1}%); needs --weights {_w.file}", True, _load_imagenet,
+        ),
+    )
+
+
 # --------------------------------------------------------------------------- RobustBench
 RB_PREFIX = "rb:"
 _RB_THREAT = "Linf"
@@ -448,12 +580,22 @@ def _load_robustbench(name: str, dataset: str, weights, model_dir, device) -> Lo
     rb_utils = _import_robustbench()
     from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
 
-    ds = BenchmarkDataset(dataset)
+    ds = BenchmarkDataset("imagenet" if dataset in IMAGENET_DATASETS else dataset)
     zoo = rb_utils.all_models[ds][ThreatModel(_RB_THREAT)]
     if model_name not in zoo:
         raise HarnessError(
             f"unknown RobustBench {dataset} {_RB_THREAT} model '{model_name}'{suggest(model_name, list(zoo))}"
         )
+    if ds.value == "imagenet":
+        prep = zoo[model_name].get("preprocessing")
+        if not zoo[model_name].get("gdrive_id"):
+            # robustbench builds it with torchvision's pretrained=True, i.e. a download
+            raise HarnessError(f"RobustBench's '{model_name}' is torchvision's ResNet-50: use --classifier resnet50-v1 --weights FILE")
+        if prep != "Res256Crop224":
+            raise HarnessError(
+                f"RobustBench's '{model_name}' expects its '{prep}' preprocessing; the harness's ImageNet images are "
+                f"Res256Crop224 (resize 256, crop 224)"
+            )
     import timm
 
     if timm.is_model(f"{model_name.lower().replace('-', '_')}_{ds.value.lower()}_{_RB_THREAT.lower()}"):
@@ -497,8 +639,9 @@ def _robustbench_version() -> str | None:
 CLASSIFIERS.register(
     "rb:<ModelName>",
     ClassifierEntry(
-        "rb:<ModelName>", ("cifar10", "cifar100"),
-        "any RobustBench Linf model, offline from --model-dir DIR/{dataset}/Linf/<ModelName>.pt (e.g. rb:Standard)",
+        "rb:<ModelName>", ("cifar10", "cifar100", *IMAGENET_DATASETS),
+        "any RobustBench Linf model, offline from --model-dir DIR/{dataset}/Linf/<ModelName>.pt (e.g. rb:Standard; "
+        "ImageNet: DIR/imagenet/Linf/, e.g. rb:Salman2020Do_R50)",
         True, _load_robustbench,
     ),
 )

@@ -168,3 +168,98 @@ def test_missing_or_malformed_data_is_a_one_line_error_saying_what_to_supply(tmp
     (tmp_path / "broken" / SYNSETS[0] / "ILSVRC2012_val_00000099.JPEG").write_bytes(b"not a jpeg")
     with pytest.raises(HarnessError, match="cannot read image"):
         load_split("imagenet", "test", tmp_path / "broken")
+
+
+# --------------------------------------------------------------------------- classifiers
+def test_the_published_files_are_torchvisions_and_deits():
+    import torchvision.models as tvm
+
+    from harness.classifiers import IMAGENET_WEIGHTS
+
+    pairs = {"resnet50-v1": tvm.ResNet50_Weights.IMAGENET1K_V1, "resnet50-v2": tvm.ResNet50_Weights.IMAGENET1K_V2,
+             "wide-resnet50-2-v1": tvm.Wide_ResNet50_2_Weights.IMAGENET1K_V1,
+             "wide-resnet50-2-v2": tvm.Wide_ResNet50_2_Weights.IMAGENET1K_V2}
+    for name, enum in pairs.items():
+        w = IMAGENET_WEIGHTS[name]
+        assert w.url == enum.url and w.top1 == enum.meta["_metrics"]["ImageNet-1K"]["acc@1"], name
+    assert IMAGENET_WEIGHTS["deit-s"].sha256_prefix == "cd65a155"
+
+
+def test_deit_s_has_the_hub_files_keys():
+    """The keys of facebookresearch/deit's deit_small_patch16_224 file (timm 0.3's VisionTransformer)."""
+    from harness.classifiers import IMAGENET_WEIGHTS
+
+    net = IMAGENET_WEIGHTS["deit-s"].build()  # (timm's initialisation reads values: no meta device)
+    block = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+             "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
+    want = (["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
+            + [f"blocks.{i}.{k}" for i in range(12) for k in block] + ["norm.weight", "norm.bias", "head.weight", "head.bias"])
+    sd = net.state_dict()
+    assert sorted(sd) == sorted(want)
+    assert tuple(sd["pos_embed"].shape) == (1, 197, 384) and tuple(sd["head.weight"].shape) == (1000, 384)
+    assert sum(v.numel() for v in sd.values()) == 22_050_664
+
+
+def _published_as(monkeypatch, name: str, path: Path) -> None:
+    """Let the test's random weights pass for the published file (its sha256 prefix written into the table)."""
+    import dataclasses
+
+    from harness import classifiers as C
+    from harness.core.env import sha256_file
+
+    w = C.IMAGENET_WEIGHTS[name]
+    stem = w.file.rsplit("-", 1)[0]
+    monkeypatch.setitem(C.IMAGENET_WEIGHTS, name, dataclasses.replace(w, file=f"{stem}-{sha256_file(path)[:8]}.pth"))
+
+
+@pytest.mark.parametrize("name", ["resnet50-v1", "deit-s"])
+def test_imagenet_classifier_from_the_users_file_with_its_sha256_checked_and_normalisation_inside(tmp_path, monkeypatch, name):
+    from harness.classifiers import IMAGENET_WEIGHTS, load_classifier
+
+    w = IMAGENET_WEIGHTS[name]
+    torch.manual_seed(0)
+    net = w.build().eval()
+    path = tmp_path / w.file
+    torch.save({"model": net.state_dict()} if name == "deit-s" else net.state_dict(), path)  # as each is published
+    with pytest.raises(HarnessError) as err:  # random weights under the published name: refused
+        load_classifier(name, dataset="imagenet", weights=path)
+    assert "\n" not in str(err.value) and f"not the published {w.sha256_prefix}" in str(err.value)
+    _published_as(monkeypatch, name, path)
+    clf = load_classifier(name, dataset="imagenet-rb5000", weights=path)
+    assert not clf.module.training and not any(p.requires_grad for p in clf.module.parameters())
+    assert clf.identity["sha256"] == clf.sha256 and clf.info["sha256_checked"].startswith("prefix")
+    x = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.equal(clf.module(x), net((x - mean) / std))
+    assert clf.module(x).shape == (1, 1000)
+
+
+def test_a_missing_classifier_file_names_the_file_and_where_it_is_published(tmp_path):
+    from harness.classifiers import load_classifier
+
+    with pytest.raises(MissingFileError) as err:
+        load_classifier("wide-resnet50-2-v1", dataset="imagenet", weights=tmp_path / "models" / "wide_resnet50_2-95faca4d.pth")
+    msg = str(err.value)
+    assert "\n" not in msg and "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth" in msg
+    assert "Wide_ResNet50_2_Weights.IMAGENET1K_V1" in msg
+    with pytest.raises(HarnessError, match="needs --weights PATH to deit_small_patch16_224-cd65a155.pth"):
+        load_classifier("deit-s", dataset="imagenet")
+    with pytest.raises(HarnessError, match="does not apply to dataset 'cifar10'"):
+        load_classifier("resnet50-v2", dataset="cifar10", weights=tmp_path / "x.pth")
+    from harness.classifiers import default_classifier
+
+    with pytest.raises(HarnessError, match="--classifier resnet50-v1 --weights PATH/resnet50-0676ba61.pth"):
+        default_classifier("imagenet")
+
+
+def test_robustbench_imagenet_models_offline_from_the_model_dir(tmp_path):
+    from harness.classifiers import load_classifier
+
+    with pytest.raises(MissingFileError) as err:
+        load_classifier("rb:Salman2020Do_R50", dataset="imagenet", model_dir=tmp_path)
+    assert str(tmp_path / "imagenet" / "Linf" / "Salman2020Do_R50.pt") in str(err.value)
+    with pytest.raises(HarnessError, match="use --classifier resnet50-v1"):
+        load_classifier("rb:Standard_R50", dataset="imagenet", model_dir=tmp_path)
+    with pytest.raises(HarnessError, match="expects its 'Crop288' preprocessing"):
+        load_classifier("rb:Wong2020Fast", dataset="imagenet-rb5000", model_dir=tmp_path)
