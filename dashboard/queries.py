@@ -607,9 +607,32 @@ def per_example_worst(engine: Engine, jobs: pd.DataFrame, rule: str = "headline"
     return pd.DataFrame.from_records(out, columns=cols)
 
 
+def job_settings(engine: Engine, ids: list[str]) -> pd.DataFrame:
+    """What produced each of the jobs ``ids``, indexed by job id: ``attacks`` (the plan's labels, comma-joined),
+    ``steps`` (PGD iterations), ``apgd_steps`` (APGD / FAB iterations), ``attack_options`` (``ATTACK.KEY=V``,
+    comma-joined), ``scoring`` (the headline rule over the R draws) and ``git_sha`` (the harness commit it ran at).
+    """
+    j = Job.__table__
+    rows = []
+    if ids:
+        with engine.connect() as conn:
+            rows = conn.execute(select(j.c.id, j.c.config, j.c.environment).where(j.c.id.in_(list(ids)))).all()
+    out = []
+    for jid, config, env in rows:
+        config, spec = config or {}, (config or {}).get("threat_spec") or {}
+        out.append((jid, ",".join(config.get("attacks") or spec.get("attacks") or []), spec.get("steps"), spec.get("apgd_steps"),
+                    ",".join(spec.get("attack_options") or []), spec.get("scoring"), (env or {}).get("git_sha")))
+    df = pd.DataFrame.from_records(out, columns=["job_id", "attacks", "steps", "apgd_steps", "attack_options", "scoring", "git_sha"])
+    for col in ("steps", "apgd_steps"):
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
+    return df.set_index("job_id").reindex(pd.Index(list(ids), name="job_id"))
+
+
 # --------------------------------------------------------------------------- beside the leaderboard
-def _change_metrics(engine: Engine, ids: list[str]) -> pd.DataFrame:
-    """The paired metrics (:data:`CHANGE_METRICS`) of the jobs ``ids``, wide: ``<metric>``, ``:lo``, ``:hi``, ``:n``."""
+def change_metrics(engine: Engine, ids: list[str]) -> pd.DataFrame:
+    """The paired metrics (:data:`CHANGE_METRICS`) of the jobs ``ids``, wide, indexed by job id: ``<metric>``,
+    ``:lo``, ``:hi``, ``:n``.
+    """
     m = MetricRow.__table__
     rows = []
     if ids:
@@ -633,7 +656,7 @@ def _with_changes(engine: Engine, done: pd.DataFrame) -> pd.DataFrame:
     """The jobs' :data:`_BESIDE_COLS` joined with their paired metrics."""
     if done.empty:
         return pd.DataFrame(columns=_BESIDE_COLS + [f"{m}{s}" for m in CHANGE_METRICS for s in ("", ":lo", ":hi", ":n")])
-    changes = _change_metrics(engine, done["job_id"].tolist())
+    changes = change_metrics(engine, done["job_id"].tolist())
     return done[_BESIDE_COLS].merge(changes, left_on="job_id", right_index=True, how="left")
 
 
