@@ -263,3 +263,90 @@ def test_robustbench_imagenet_models_offline_from_the_model_dir(tmp_path):
         load_classifier("rb:Standard_R50", dataset="imagenet", model_dir=tmp_path)
     with pytest.raises(HarnessError, match="expects its 'Crop288' preprocessing"):
         load_classifier("rb:Wong2020Fast", dataset="imagenet-rb5000", model_dir=tmp_path)
+
+
+# --------------------------------------------------------------------------- the paper grid and the published table
+REPO = Path(__file__).resolve().parents[1]
+GRID = REPO / "grids" / "paper-imagenet.yaml"
+
+
+def test_published_imagenet_rows_name_exactly_one_grid_cell_run_as_the_papers_did():
+    from harness.store.check import load_table
+    from tests.test_ncsnpp import _matches, grid_cells
+
+    load_table(REPO / "tables" / "published.csv")
+    rows = [r for r in csv.DictReader((REPO / "tables" / "published.csv").open()) if r["dataset"] == "imagenet"]
+    cells = grid_cells(GRID)
+    assert len(rows) == 12 and len(cells) == 14  # 17 cells, of which 3 AutoAttack-standard ones are refused
+    for row in rows:
+        found = [c for c in cells if _matches(row, c)]
+        assert len(found) == 1, row
+        cell = found[0]
+        d, spec = cell["defense"], cell["spec"]
+        if row["defense"] == "diffpure":
+            assert d.backbone == "guided-diffusion" and d.model_path.endswith("256x256_diffusion_uncond.pt")
+            assert (d.t_star, d.dt) == (0.15, 0.001)
+        if row["threat"] == "adaptive":  # DiffPure's table: AutoAttack-rand through the adjoint, at its eps, on 512
+            assert spec.attacks == ("autoattack-rand",) and cell["plan"].main_path.value == "adjoint"
+            assert (spec.eps, spec.eot_samples, spec.apgd_steps, cell["n"]) == (0.0157, 20, 100, 512)
+            assert not cell["plan"].also_paths
+        else:  # MAEP's transfer table: AutoAttack-standard on the classifier, ResNet-50 V2
+            assert [p.label for p in cell["plan"].attacks][:1] == ["apgd-ce"] and cell["plan"].main_path.value == "classifier"
+            assert row["classifier"] == "resnet50-v2"
+        if row["defense"] == "maep":
+            assert (d.trained_on, d.adapter, spec.paired_reference) == ("cifar10", "tile", False)
+    # the harness's own adaptive threat: exact gradient then BPDA, on the diffusion purifiers' 64 images, at 4/255
+    own = [c for c in cells if c["cfg"].threat == "adaptive" and "autoattack-rand" not in c["spec"].attacks]
+    assert len(own) == 3 and all(c["n"] == 64 and c["plan"].main_path.value == "full" for c in own)
+    assert all(c["spec"].eps == pytest.approx(4 / 255) for c in own)
+    assert {c["cfg"].classifier for c in own} == {"resnet50-v1", "wide-resnet50-2-v1", "deit-s"}
+
+
+def test_paper_grid_dry_run_lists_every_cell_with_its_cost_and_names_the_missing_files(tmp_path, monkeypatch, capsys):
+    from harness.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["grid", str(GRID), "--dry-run", "--db", str(tmp_path / "dry.db")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    cells = [ln for ln in out if ln.startswith("  skip ")]
+    costs = [ln for ln in out if ln.startswith("        nfe once its files are there:")]
+    assert len(cells) == 17 and len(costs) == 14
+    reasons = [ln.split("]  (", 1)[-1] for ln in cells]
+    ckpt = [r for r in reasons if "256x256_diffusion_uncond.pt' (=" in r]
+    data = [r for r in reasons if "ImageNet data dir 'data/imagenet/val' does not exist" in r]
+    refused = [r for r in reasons if "autoattack-standard" in r]
+    assert (len(ckpt), len(data), len(refused)) == (10, 4, 3)
+    assert all(G_URL in r for r in ckpt) and all("ILSVRC2012_devkit_t12" in r for r in data)
+    # DiffPure's 150 solver steps per purification, MAEP's one pass
+    assert sum(" x 150 NFE = " in c for c in costs) == 10 and sum(" x 1 NFE = " in c for c in costs) == 4
+    assert any(ln.startswith("skipped for missing files: 14 cells") for ln in out)
+
+
+G_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt"
+
+
+def test_grid_filters_a_defense_by_classifier_and_sizes_a_threat_entry(tmp_path):
+    from harness.scheduler import load_grid
+    from harness.scheduler.cells import check_names, expand
+    from harness.scheduler.gridfile import GridError
+
+    text = """n_examples: 32
+defenses:
+  - none
+  - {name: maep, classifiers: [digits-cnn]}
+threats:
+  - preprocessor-blind
+  - {name: bpda, n_examples: 8}
+datasets: [digits]
+classifiers:
+  - digits-cnn
+  - {name: resnet20, weights: x.th, datasets: [digits]}
+"""
+    (tmp_path / "g.yaml").write_text(text)
+    cells = expand(load_grid(tmp_path / "g.yaml"))
+    assert sorted((c.defense, c.classifier, c.threat, c.n_examples) for c in cells) == sorted(
+        [(d, clf, t, 8 if t == "bpda" else 32) for d, clf in (("none", "digits-cnn"), ("none", "resnet20"), ("maep", "digits-cnn"))
+         for t in ("preprocessor-blind", "bpda")])
+    (tmp_path / "g.yaml").write_text(text.replace("classifiers: [digits-cnn]}", "classifiers: [digit-cnn]}"))
+    with pytest.raises(GridError, match="'digit-cnn' is not in the grid's classifiers"):
+        check_names(load_grid(tmp_path / "g.yaml"))

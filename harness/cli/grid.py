@@ -52,12 +52,21 @@ def print_dry_run(cells, calibrate_on: str | None) -> None:
     from harness.evaluation.cost import calibrate, estimate_nfe, estimate_seconds
 
     totals = {"cells": 0, "purifier_nfe_images": 0, "classifier_images": 0, "seconds": 0.0}
+    missing = {"cells": 0, "purifier_nfe_images": 0, "classifier_images": 0}
     bounded = False
     cache: dict[str, object] = {}
     for c in cells:
         state = {"pending": "run", "done": "done", "skipped": "skip", "duplicate": "dup"}.get(c.state, c.state)
         extra = f"  ({c.reason})" if c.reason else ""
         print(f"  {state:<5} {c.job_id[:12]}  {c.label()}{extra}")
+        if c.state == "skipped" and c.estimate is not None:  # a missing file: what the cell costs once it is there
+            cost = estimate_nfe(c.estimate)
+            for k in ("purifier_nfe_images", "classifier_images"):
+                missing[k] += cost[k]
+            missing["cells"] += 1
+            bounded |= not cost["exact"]
+            print(f"        nfe once its files are there: {fmt_cost(cost)}")
+            continue
         if c.state != "pending" or c.job is None:
             continue
         cost = estimate_nfe(c.job)
@@ -81,6 +90,10 @@ def print_dry_run(cells, calibrate_on: str | None) -> None:
         total += (f"; estimated network time {totals['seconds'] / 3600:.3f} device-hours on {calibrate_on} "
                   f"({len(cache)} calibration(s))")
     print(total)
+    if missing["cells"]:
+        print(f"skipped for missing files: {missing['cells']} cells, {bound}{missing['purifier_nfe_images']} purifier "
+              f"NFE-images, {bound}{missing['classifier_images']} classifier images once the files are there"
+              + ("; not calibrated (no network to time)" if calibrate_on is not None else ""))
 
 
 def add_parser(sub) -> None:

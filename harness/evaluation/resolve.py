@@ -26,13 +26,16 @@ from harness.core.attack import ATTACKS
 from harness.core.config import config_fields
 from harness.core.defense import DEFENSES, Defense, GradientPath, SetupContext
 from harness.core.env import package_versions
-from harness.core.registry import HarnessError, suggest
+from harness.core.registry import HarnessError, MissingFileError, suggest
 from harness.core.shift import SHIFTS, Shift
 from harness.evaluation.plan import AttackPlan, IncompatibleError, build_plan
 from harness.store.codec import canonical, dumps
 from threat_models.specs import THREATS, ThreatSpec, spec_fields
 
-__all__ = ["IncompatibleError", "ResolvedJob", "RunConfig", "parse_set", "resolve", "sharing_networks", "split_overrides"]
+__all__ = [
+    "IncompatibleError", "ResolvedJob", "RunConfig", "parse_set", "plan_without_files", "resolve", "sharing_networks",
+    "split_overrides",
+]
 
 
 @dataclass(frozen=True)
@@ -297,9 +300,8 @@ def _shared(kind: str, key: Any, build):
     return _SHARED[k]
 
 
-def resolve(cfg: RunConfig) -> ResolvedJob:
-    """Load and validate everything a job needs; raise HarnessError on bad input."""
-    from harness import classifiers as C
+def _protocol(cfg: RunConfig):
+    """What a job's configuration says without any file: the classes, the routed overrides, spec, plan and shift."""
     from harness import data as D
     from harness.core.plugins import load_builtin, load_plugin
 
@@ -309,8 +311,6 @@ def resolve(cfg: RunConfig) -> ResolvedJob:
     defense_cls = DEFENSES.get(cfg.defense)
     threat_model = THREATS.get(cfg.threat)
     info = D.DATASETS.get(cfg.dataset)
-    device = _device(cfg.device)
-
     routed = split_overrides(cfg.overrides, defense_cls, threat_model.base.get("shift", "none"))
     spec = threat_model.resolve(info.family, routed.threat_values())
     spec.check_eps_for(int(np.prod(info.image_shape)))
@@ -319,6 +319,54 @@ def resolve(cfg: RunConfig) -> ResolvedJob:
     reason = shift.check(tuple(info.image_shape))
     if reason:
         raise IncompatibleError(f"shift '{shift.name}' cannot run on dataset '{cfg.dataset}': {reason}")
+    return defense_cls, info, routed, spec, plan, shift
+
+
+#: Defense options that name a file (``model_path``, ``weights``): dropped where they name nothing on this machine.
+_FILE_OPTIONS = ("model_path", "weights")
+
+
+def _without_files(defense_cls: type[Defense], values: dict[str, str]) -> Defense:
+    """The defense built from ``values`` minus the file options that name files not on this machine."""
+    try:
+        return defense_cls.from_dict(values)
+    except MissingFileError:
+        kept = {k: v for k, v in values.items() if k not in _FILE_OPTIONS or Path(str(v)).expanduser().exists()}
+        return defense_cls.from_dict(kept)
+
+
+def plan_without_files(cfg: RunConfig) -> ResolvedJob:
+    """A stand-in job for a cell whose files are missing here: the real spec, plan, shift and defense configuration
+    (with its per-dataset defaults), no data, classifier or weights. Its network evaluations
+    (:func:`harness.evaluation.cost.estimate_nfe`) are the job's; it has no identity and cannot run.
+
+    Raises:
+        HarnessError: the configuration itself is wrong (what :func:`resolve` would raise first).
+    """
+    from types import SimpleNamespace
+
+    defense_cls, info, routed, spec, plan, shift = _protocol(cfg)
+    defense = _without_files(defense_cls, routed.defense)
+    resolve_defaults = getattr(defense, "_resolve_for", None)  # the diffusion purifiers' per-dataset defaults (setup's)
+    if resolve_defaults is not None:
+        resolve_defaults(cfg.dataset)
+    n = cfg.n_examples or _default_n(defense_cls, plan, info)[0] or info.default_n
+    trained_on = getattr(defense.config, "trained_on", None)
+    ref = defense if spec.paired_reference and trained_on not in (None, cfg.dataset) else None
+    draws = spec.eval_draws if defense.stochastic else 1
+    return ResolvedJob(
+        cfg=cfg, subset=SimpleNamespace(y=range(n)), dataset_info=info, classifier=None, defense=defense, spec=spec,
+        plan=plan, shift=shift, draws=draws, identity={}, job_id="", reference_defense=ref,
+    )
+
+
+def resolve(cfg: RunConfig) -> ResolvedJob:
+    """Load and validate everything a job needs; raise HarnessError on bad input."""
+    from harness import classifiers as C
+    from harness import data as D
+
+    defense_cls, info, routed, spec, plan, shift = _protocol(cfg)
+    device = _device(cfg.device)
     defense_values = routed.defense
     fresh = defense_cls.from_dict(defense_values)  # a bad value fails here, before any data or network is loaded
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from harness.core.registry import HarnessError, MissingFileError
 from harness.evaluation import IncompatibleError, ResolvedJob, RunConfig, resolve
-from harness.evaluation.resolve import sharing_networks
+from harness.evaluation.resolve import plan_without_files, sharing_networks
 from harness.scheduler.gridfile import GridError, GridSpec
 from harness.store import Store, dumps
 
@@ -43,6 +43,9 @@ class Cell:
     #: the overrides this cell's axis entries add to the grid-wide ``set`` (shown in the label: two cells of one
     #: threat with different ``set`` values must not read the same)
     axis_overrides: tuple[tuple[str, str], ...] = ()
+    #: a cell skipped for a missing file: a stand-in job without data, classifier or weights, for its cost
+    #: (:func:`harness.evaluation.resolve.plan_without_files`); None otherwise
+    estimate: ResolvedJob | None = None
 
     def label(self) -> str:
         c = self.cfg
@@ -61,6 +64,8 @@ def _expand(spec: GridSpec) -> list[tuple[RunConfig, tuple[str, ...]]]:
             for d in spec.defenses:
                 if d.datasets is not None and ds.name not in d.datasets:
                     continue
+                if d.classifiers is not None and (clf.name if clf else None) not in d.classifiers:
+                    continue
                 for t in spec.threats:
                     if d.threats is not None and t.name not in d.threats:
                         continue
@@ -71,7 +76,7 @@ def _expand(spec: GridSpec) -> list[tuple[RunConfig, tuple[str, ...]]]:
                             defense=d.name, threat=t.name, dataset=ds.name,
                             classifier=clf.name if clf else None, weights=clf.weights if clf else None,
                             model_dir=clf.model_dir if clf else None, data_dir=ds.data_dir,
-                            n_examples=ds.n_examples or spec.n_examples, seed=seed, data_seed=spec.data_seed,
+                            n_examples=t.n_examples or ds.n_examples or spec.n_examples, seed=seed, data_seed=spec.data_seed,
                             overrides=over, plugins=spec.plugins,
                         )
                         cells.append((cfg, where))
@@ -104,6 +109,11 @@ def check_names(spec: GridSpec) -> None:
     for clf in spec.classifiers:
         for ds in clf.datasets or ():
             _check_name(ds, DATASETS.get, f"{clf.where}: classifiers: datasets")
+    listed = {c.name for c in spec.classifiers}
+    for d in spec.defenses:
+        for c in d.classifiers or ():
+            if c not in listed:
+                raise GridError(f"{d.where}: defenses: classifiers: '{c}' is not in the grid's classifiers ({', '.join(sorted(listed))})")
 
 
 def _check_name(name: str, get, where: str) -> None:
@@ -154,6 +164,11 @@ def _plan_cell(spec: GridSpec, store: Store | None, cfg: RunConfig, origins: tup
         cell.job_id = cell.job.job_id
     except SKIPPED_ERRORS as exc:
         cell.state, cell.reason, cell.job_id = "skipped", str(exc), cell_key(cfg)
+        if isinstance(exc, MissingFileError):
+            try:
+                cell.estimate = plan_without_files(dataclasses.replace(cfg, device="cpu"))
+            except HarnessError:
+                cell.estimate = None  # the cost needs what is missing (e.g. a checkpoint's own architecture)
     except HarnessError as exc:
         raise GridError(f"{_culprit(cfg, origins, str(exc)) or spec.path}: {exc} (cell {cell.label()})") from None
     if cell.state == "pending" and store is not None:

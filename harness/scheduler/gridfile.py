@@ -14,12 +14,14 @@ A grid file::
         set: {t_star: 0.1}         # per-axis overrides
       - name: maep
         set: {trained_on: mnist5k}
-        threats: [cross-dataset]   # optional: only with these threats / on these datasets
-        datasets: [digits]
+        threats: [cross-dataset]   # optional: only with these threats / on these datasets / before
+        datasets: [digits]         # these classifiers
+        classifiers: [digits-cnn]
     threats:
       - preprocessor-blind
       - name: adaptive
         set: {steps: 20}
+        n_examples: 16             # optional: this protocol's subset size (before the dataset's and the grid's)
     datasets:
       - digits
       - name: cifar10
@@ -60,8 +62,8 @@ UNSUPPORTED_KEYS = {
     "device": "devices are chosen on the command line: harness grid FILE --devices cuda:0,cuda:1",
 }
 AXIS_KEYS = {
-    "defenses": {"name", "set", "threats", "datasets"},
-    "threats": {"name", "set"},
+    "defenses": {"name", "set", "threats", "datasets", "classifiers"},
+    "threats": {"name", "set", "n_examples"},
     "datasets": {"name", "set", "data_dir", "n_examples"},
     "classifiers": {"name", "weights", "model_dir", "datasets", "set"},
 }
@@ -128,6 +130,7 @@ class AxisEntry:
     model_dir: str | None = None
     datasets: tuple[str, ...] | None = None
     threats: tuple[str, ...] | None = None
+    classifiers: tuple[str, ...] | None = None
     where: str = ""
     set_where: tuple[str, ...] = ()
 
@@ -197,8 +200,8 @@ def _axis(doc: _Map, axis: str, path: str, required: bool) -> tuple[AxisEntry, .
         n = item.get("n_examples")
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
             raise GridError(f"{_where(path, item, 'n_examples')}: n_examples must be a positive integer")
-        ds, ts = item.get("datasets"), item.get("threats")
-        for key, names in (("datasets", ds), ("threats", ts)):
+        ds, ts, cs = item.get("datasets"), item.get("threats"), item.get("classifiers") if axis == "defenses" else None
+        for key, names in (("datasets", ds), ("threats", ts), ("classifiers", cs)):
             if names is not None and not (isinstance(names, list) and all(isinstance(d, str) for d in names)):
                 raise GridError(f"{_where(path, item, key)}: '{key}' must be a list of {key[:-1]} names")
         for k in ("data_dir", "weights", "model_dir"):
@@ -210,7 +213,7 @@ def _axis(doc: _Map, axis: str, path: str, required: bool) -> tuple[AxisEntry, .
                 name=item["name"], overrides=overrides, data_dir=item.get("data_dir"),
                 n_examples=n, weights=item.get("weights"), model_dir=item.get("model_dir"),
                 datasets=tuple(ds) if ds is not None else None, threats=tuple(ts) if ts is not None else None,
-                where=_where(path, item, "name"), set_where=set_where,
+                classifiers=tuple(cs) if cs is not None else None, where=_where(path, item, "name"), set_where=set_where,
             )
         )
     return tuple(out)
