@@ -63,9 +63,12 @@ def build(args):
     return d.eval(), x, cfg, sum(p.numel() for p in net.parameters())
 
 
-def measure(args) -> dict:
-    """One full-gradient step: seconds and peak memory (MiB) above the pre-step level."""
-    d, x, cfg, n_params = build(args)
+def full_gradient_step(d, x: torch.Tensor, warmup: bool) -> tuple[float, float, str, str]:
+    """One full-gradient step of defense ``d`` on ``x`` (after an untimed one with ``warmup``).
+
+    Returns:
+        (seconds, peak MiB above the pre-step level, device name, how the memory was measured).
+    """
     dev = x.device
     g = torch.Generator(device=dev)
 
@@ -76,7 +79,7 @@ def measure(args) -> dict:
         return grad
 
     if dev.type == "cuda":
-        if args.warmup:
+        if warmup:
             step()  # cuDNN autotuning and the caching allocator's first growth
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -89,7 +92,7 @@ def measure(args) -> dict:
         device = torch.cuda.get_device_name(dev)
         memory = "cuda max_memory_allocated above the pre-step allocation"
     else:
-        if args.warmup:
+        if warmup:
             step()  # lazily loaded kernels and thread pools stay resident: count them before, not in, the step
         before = _rss_mb()
         t0 = time.perf_counter()
@@ -99,6 +102,13 @@ def measure(args) -> dict:
         device = "cpu"
         memory = "RSS growth during the step (ru_maxrss - RSS before), large blocks mmap'd"
     assert torch.isfinite(grad).all()
+    return secs, peak, device, memory
+
+
+def measure(args) -> dict:
+    """One full-gradient step: seconds and peak memory (MiB) above the pre-step level."""
+    d, x, cfg, n_params = build(args)
+    secs, peak, device, memory = full_gradient_step(d, x, args.warmup)
     full = (cfg.nf, cfg.num_res_blocks) == (128, 8)
     return {
         "model": f"NCSN++ nf={cfg.nf} num_res_blocks={cfg.num_res_blocks}" + (" (DDPM++ deep continuous)" if full else "")
