@@ -9,6 +9,7 @@ the published prefix, which the loaders must refuse unless the test patches the 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -350,3 +351,36 @@ classifiers:
     (tmp_path / "g.yaml").write_text(text.replace("classifiers: [digits-cnn]}", "classifiers: [digit-cnn]}"))
     with pytest.raises(GridError, match="'digit-cnn' is not in the grid's classifiers"):
         check_names(load_grid(tmp_path / "g.yaml"))
+
+
+def test_harness_run_drives_diffpure_with_guided_diffusion_on_an_imagenet_folder(shared_dir, tmp_path, monkeypatch, capsys):
+    """``harness run`` end to end, as a user with the files would: folder, classifier file, checkpoint (reduced here)."""
+    if shared_dir is None:
+        pytest.skip("HARNESS_SHARED is not set (CI sets it): the guided-diffusion fixtures are unavailable")
+    from harness.classifiers import IMAGENET_WEIGHTS
+    from harness.cli import main
+    from harness.core.env import sha256_file
+    from tests.test_guided_diffusion import save_checkpoint
+
+    image_folder(tmp_path / "val")
+    ckpt = save_checkpoint(shared_dir / "fixtures" / "guided_diffusion", tmp_path / "gd" / "uncond32.pt")
+    w = IMAGENET_WEIGHTS["resnet50-v1"]
+    torch.manual_seed(0)
+    weights = tmp_path / w.file
+    torch.save(w.build().state_dict(), weights)
+    _published_as(monkeypatch, "resnet50-v1", weights)
+    db = str(tmp_path / "r.db")
+    argv = ["run", "--defense", "diffpure", "--threat", "preprocessor-blind", "--dataset", "imagenet",
+            "--data-dir", str(tmp_path / "val"), "--classifier", "resnet50-v1", "--weights", str(weights),
+            "--n-examples", "2", "--set", f"model_path={ckpt}", "--set", "backbone=guided-diffusion",
+            "--set", "t_star=0.02", "--set", "dt=0.01", "--set", "steps=1", "--set", "eval_draws=1", "--db", db, "--json"]
+    code = main(argv)
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    out = json.loads(cap.out)
+    assert out["status"] == "done" and out["n_examples"] == 2
+    assert main(["show", out["job_id"], "--db", db]) == 0
+    ident = json.loads(capsys.readouterr().out)["identity"]
+    assert ident["defense"]["backbone_source"]["file_sha256"] == sha256_file(ckpt)
+    assert ident["classifier"]["sha256"] == sha256_file(weights) and ident["dataset"]["source"]["kind"] == "imagefolder"
+    assert ident["threat"]["eps"] == pytest.approx(4 / 255)
