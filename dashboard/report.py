@@ -33,7 +33,6 @@ import csv
 import hashlib
 import io
 import re
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -381,23 +380,6 @@ def render(jobs: pd.DataFrame, source: Source, args: str, datasets: list[str] | 
 
 
 # --------------------------------------------------------------------------- the README block
-def block_args(args: str) -> str:
-    """The ARGS of a README block: the command's arguments without ``--out`` and ``--insert``."""
-    words = shlex.split(args)
-    keep, skip = [], False
-    for w in words:
-        if skip:
-            skip = False
-            continue
-        if w in ("--out", "-o"):
-            skip = True
-            continue
-        if w == "--insert" or w.startswith("--out="):
-            continue
-        keep.append(w)
-    return shlex.join(keep)
-
-
 def insert_block(text: str, args: str, body: str) -> str:
     """``text`` with the block ``<!-- BEGIN harness report ARGS -->`` ... ``<!-- END harness report -->`` replaced by ``body``."""
     begin = BEGIN.format(args=args)

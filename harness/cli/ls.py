@@ -91,6 +91,26 @@ def _classifiers() -> None:
         print(f"  {name:<14} {getattr(entry, 'description', '')}")
 
 
+def _markdown(args) -> int:
+    """``--format markdown``: the reference pages (harness/reference.py), to ``--out DIR`` or stdout."""
+    from pathlib import Path
+
+    from harness.core.registry import HarnessError
+    from harness.reference import pages
+
+    out = pages(args.what)
+    if not args.out:
+        print("\n".join(out.values()), end="")
+        return 0
+    folder = Path(args.out)
+    if not folder.is_dir():
+        raise HarnessError(f"--out {folder}: no such folder")
+    for name, text in out.items():
+        (folder / name).write_text(text)
+        print(f"wrote {folder / name}")
+    return 0
+
+
 def cmd_ls(args) -> int:
     """``harness ls``: list the registered plugins of one kind, or of all kinds."""
     from harness.core.plugins import load_builtin, load_plugin
@@ -98,6 +118,8 @@ def cmd_ls(args) -> int:
     load_builtin()
     for p in args.plugin or ():
         load_plugin(p)
+    if args.format == "markdown":
+        return _markdown(args)
     for what, fn in (("defenses", _defenses), ("threats", _threats), ("attacks", _attacks), ("shifts", _shifts),
                      ("datasets", _datasets), ("classifiers", _classifiers)):
         if args.what in (what, "all"):
@@ -110,4 +132,7 @@ def add_parser(sub) -> None:
     ls = sub.add_parser("ls", help="list registered plugins")
     ls.add_argument("what", nargs="?", default="all", choices=list(WHAT))
     ls.add_argument("--plugin", action="append", metavar="FILE_OR_MODULE")
+    ls.add_argument("--format", default="text", choices=["text", "markdown"],
+                    help="markdown: the manual's reference pages (docs/reference/*.md; `all` also writes set-keys, weights, api)")
+    ls.add_argument("--out", default=None, metavar="DIR", help="with --format markdown: write the pages into DIR (default: stdout)")
     ls.set_defaults(func=cmd_ls)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def command_args(args) -> str:
-    """The arguments of this invocation, canonically spelled (what the generated page says produced it)."""
+    """The arguments of this invocation that decide its output, canonically spelled (what the page says produced it)."""
     words = ["--table", args.table] if args.table else ["--db", args.db] if args.db else []
     for d in args.dataset or ():
         words += ["--dataset", d]
@@ -24,9 +24,7 @@ def command_args(args) -> str:
         words.append("--brief")
     if args.format != "markdown":
         words += ["--format", args.format]
-    if args.out and not args.insert:
-        words += ["--out", args.out]
-    return shlex.join(words)
+    return shlex.join(words)  # without --out and --insert: the same page wherever it is written
 
 
 def cmd_report(args) -> int:
