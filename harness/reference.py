@@ -34,6 +34,7 @@ PAGES = {
     "datasets.md": "datasets and classifiers",
     "weights.md": "the weights shipped in harness/weights",
     "set-keys.md": "every --set key",
+    "schema.md": "the results store's tables and columns",
     "api.md": "the public Python API (harness.core, harness.evaluation, harness.store)",
 }
 #: ``harness ls WHAT`` -> the pages it writes with ``--format markdown``.
@@ -398,6 +399,29 @@ def set_keys_page() -> str:
     return "\n".join(lines) + "\n"
 
 
+# --------------------------------------------------------------------------- store schema
+def schema_page() -> str:
+    """``docs/reference/schema.md``: the store's tables and columns, from :mod:`harness.store.schema`."""
+    from harness.store.schema import SCHEMA_VERSION, Base
+
+    lines = _header("Results store schema", f"The tables of a results store (`harness/store/schema.py`, schema version "
+                    f"{SCHEMA_VERSION}), as SQLAlchemy creates them; fractions are in [0, 1]. Columns added after stores "
+                    "existed are added to an older store by `harness/store/migrate.py` ([the results store](../store.md)).")
+    for mapper in sorted(Base.registry.mappers, key=lambda m: list(Base.metadata.sorted_tables).index(m.local_table)):
+        table, cls = mapper.local_table, mapper.class_
+        lines += [f"## `{table.name}`", "", _esc(" ".join((cls.__doc__ or "").split())), ""]
+        rows = []
+        for col in table.columns:
+            keys = (["primary key"] if col.primary_key else []) + [f"-> {fk.target_fullname}" for fk in col.foreign_keys]
+            keys += ["indexed"] if col.index else []
+            rows.append([_code(col.name), _code(str(col.type)), "yes" if col.nullable else "no", _esc(", ".join(keys)) or "–"])
+        uniq = [", ".join(c.name for c in con.columns) for con in table.constraints
+                if type(con).__name__ == "UniqueConstraint"]
+        lines += _table(["column", "type", "nullable", "key"], rows)
+        lines += ([""] + [f"Unique: ({u})." for u in uniq] if uniq else []) + [""]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- API
 def api_page() -> str:
     """``docs/reference/api.md``: mkdocstrings directives for every public name of :data:`API_PACKAGES`."""
@@ -431,6 +455,7 @@ def index_page() -> str:
 BUILDERS: dict[str, Callable[[], str]] = {
     "index.md": index_page, "defenses.md": defenses_page, "attacks.md": attacks_page, "shifts.md": shifts_page,
     "threats.md": threats_page, "datasets.md": datasets_page, "weights.md": weights_page, "set-keys.md": set_keys_page,
+    "schema.md": schema_page,
     "api.md": api_page,
 }
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from harness.cli import main
-from harness.reference import BUILDERS, COMMAND
+from harness.reference import API_PACKAGES, BUILDERS, COMMAND
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -43,7 +43,7 @@ def _site_copy(tmp_path: Path) -> Path:
     shutil.copy(ROOT / "mkdocs.yml", site)
     shutil.copy(ROOT / "CONTRIBUTING.md", site)
     shutil.copytree(DOCS, site / "docs")
-    (site / "docs" / "reference" / "api.md").write_text("# Python API\n")
+    (site / "docs" / "reference" / "api.md").write_text("# Python API\n" + "".join(f"\n## {p} {{#{p}}}\n" for p in API_PACKAGES))
     return site
 
 
