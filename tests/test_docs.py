@@ -65,3 +65,22 @@ def test_the_strict_build_fails_on_a_broken_link_and_takes_a_new_leaderboard_pag
     bad = _build(site)
     assert bad.returncode != 0
     assert "no-such-page.md" in bad.stderr and "no-such-section" in bad.stderr
+
+
+def test_a_threat_plugin_imports_from_harness_core_as_contributing_says(tmp_path, capsys):
+    from harness.core import THREATS
+
+    plugin = tmp_path / "my_threat.py"
+    plugin.write_text(
+        "from harness.core import ThreatModel, register_threat\n\n"
+        "register_threat(ThreatModel(name='docs-blind-fgsm', description='one PGD step on the classifier alone',\n"
+        "                            base=dict(attacks=('pgd',), steps=1, gradient_path='classifier', eval_draws=2),\n"
+        "                            per_family={'digits': {'eps': 0.2, 'step_size': 0.2}}))\n")
+    try:
+        code = main(["run", "--plugin", str(plugin), "--threat", "docs-blind-fgsm", "--n-examples", "16",
+                     "--db", str(tmp_path / "r.db"), "--json", "--no-progress"])
+        assert code == 0, capsys.readouterr().err
+        assert '"threat": "docs-blind-fgsm"' in capsys.readouterr().out
+    finally:
+        if "docs-blind-fgsm" in THREATS:
+            THREATS.unregister("docs-blind-fgsm")

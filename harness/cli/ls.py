@@ -1,4 +1,8 @@
-"""``harness ls``: list registered defenses, threats, attacks, shifts, datasets and classifiers."""
+"""``harness ls``: list registered defenses, threats, attacks, shifts, datasets and classifiers.
+
+``--format markdown`` writes the manual's reference pages instead (:mod:`harness.reference`):
+``harness ls --format markdown --out docs/reference``.
+"""
 
 from __future__ import annotations
 
