@@ -10,6 +10,7 @@ The numbers and marks are the dashboard's (``dashboard/queries.py``); the layout
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -36,7 +37,10 @@ def cmd_report(args) -> int:
         raise HarnessError("--insert needs --out FILE (the file whose `<!-- BEGIN harness report ... -->` block is replaced)")
     if args.table and args.format == "csv":
         raise HarnessError("--format csv writes the summary of a store: give --db, not --table")
-    jobs, source = report.jobs_from_table(args.table) if args.table else report.jobs_from_store(args.db)
+    from harness.store import DEFAULT_DB
+
+    db = args.db or os.environ.get("HARNESS_DB") or DEFAULT_DB
+    jobs, source = report.jobs_from_table(args.table) if args.table else report.jobs_from_store(db)
     argstr = command_args(args)
     if args.format == "csv":
         text = report.to_summary_csv(jobs[jobs["dataset"].isin(args.dataset)] if args.dataset else jobs)
