@@ -133,7 +133,9 @@ def test_cifar_ddpm_trains_on_low_noise_levels_and_loads_as_the_backbone(tmp_pat
 
     rec = train_diffusion("cifar10", steps=3, out=tmp_path, data_dir=tiny_npz, recipe=_ddpm_recipe(), progress=False)
     assert rec["data"]["images"] == 24 and rec["data"]["source"]["name"] == "tiny_train.npz"
-    assert rec["training"]["max_timestep"] == 300 and "n ~ U{0..299}" in rec["training"]["loss"]
+    assert rec["training"]["max_timestep"] == 200 and "n ~ U{0..199}" in rec["training"]["loss"]
+    state = torch.load(tmp_path / "cifar10-ddpm.pt", weights_only=True)
+    assert {v.dtype for v in state.values()} == {torch.float16} and "float16" in rec["training"]["weights_shipped"]
     assert rec["data"]["augmentation"].startswith("random horizontal flip")
     assert set(rec["heldout_eps_mse_by_timestep"]) == {"10", "50", "100"}  # only learned levels are measured
     assert "purified" in rec["sample_grid_kind"] and (tmp_path / "cifar10-ddpm.png").is_file()
