@@ -138,6 +138,8 @@ class COUP(DiffusionDefense):
         # CIFAR-10 on a CPU with the shipped cifar10-ddpm: 10 Euler-Maruyama steps (dt 0.01) instead of 100, a 2-step
         # surrogate; checkpointing stays on (a 10-step trajectory of a batch of 32x32 images is several GB)
         "cifar10": {"t_star": 0.1, "dt": 0.01, "surrogate_steps": 2, "checkpoint": True},
+        # ImageNet (guided-diffusion): DiffPure's t* for l_inf 4/255
+        **{ds: {"t_star": 0.15} for ds in ("imagenet", "imagenet-rb5000")},
     }
 
     def __init__(self, config=None):

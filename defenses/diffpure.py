@@ -138,6 +138,8 @@ class DiffPure(DiffusionDefense):
         # CIFAR-10 on a CPU with the shipped cifar10-ddpm: 10 Euler-Maruyama steps (dt 0.01) instead of 100, a 2-step
         # surrogate; checkpointing stays on (a 10-step trajectory of a batch of 32x32 images is several GB)
         "cifar10": {"t_star": 0.1, "dt": 0.01, "surrogate_steps": 2, "checkpoint": True},
+        # ImageNet (guided-diffusion): DiffPure's t* for l_inf 4/255
+        **{ds: {"t_star": 0.15} for ds in ("imagenet", "imagenet-rb5000")},
     }
 
     def _count_nfe(self, cfg) -> int:
@@ -230,7 +232,11 @@ class DiffPureDDPM(DiffusionDefense):
     Config = DiffPureDDPMConfig
     gradient_paths = frozenset({GradientPath.BPDA, GradientPath.FULL, GradientPath.SURROGATE})
     DEFAULTS = {"max_timestep": 100, "denoising_steps": 10, "surrogate_steps": 5, "checkpoint": True}
-    DATASET_DEFAULTS = {ds: {"denoising_steps": 5, "surrogate_steps": 2, "checkpoint": False} for ds in ("digits", "mnist5k")}
+    DATASET_DEFAULTS = {
+        **{ds: {"denoising_steps": 5, "surrogate_steps": 2, "checkpoint": False} for ds in ("digits", "mnist5k")},
+        # ImageNet (guided-diffusion): DiffPure's t* = 0.15 for l_inf 4/255
+        **{ds: {"max_timestep": 150} for ds in ("imagenet", "imagenet-rb5000")},
+    }
 
     def _count_nfe(self, cfg) -> int:
         return cfg.denoising_steps

@@ -267,7 +267,7 @@ def test_flowpure_gauss_and_cw_train_on_cifar_and_load(tmp_path, tiny_npz, resne
     from defenses.flowpure import FlowPureCW, FlowPureGauss
     from harness.training.flowpure import train_flowpure
 
-    for variant, cls in (("gauss", FlowPureGauss), ("cw", FlowPureCW)):
+    for variant, cls in (("cw", FlowPureCW), ("gauss", FlowPureGauss)):
         rec = train_flowpure(variant, "cifar10", classifier="resnet20", classifier_weights=resnet_tiny, data_dir=str(tiny_npz),
                              steps=2, out=tmp_path, eval_n=0, recipe=_flow_recipe(), progress=False)
         assert rec["source_cache"]["draws_per_image"] == (1 if variant == "cw" else None)
@@ -276,6 +276,11 @@ def test_flowpure_gauss_and_cw_train_on_cifar_and_load(tmp_path, tiny_npz, resne
         d.setup(SetupContext(classifier=None, **CIFAR_CTX))
         out = d.purify(torch.rand(2, 3, 32, 32), generator=torch.Generator().manual_seed(0))
         assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+    # flowpure-gauss injects CIFAR-10's own noise level unless told otherwise; the value used is in the identity
+    assert d.config.sigma == 0.1 and "sigma=0.1" in d.setup_notes[0] and d.identity()["config"]["sigma"] == 0.1
+    told = FlowPureGauss.from_dict({"weights": str(tmp_path / "flowpure-gauss-cifar10.pt"), "sigma": 0.2})
+    told.setup(SetupContext(classifier=None, **CIFAR_CTX))
+    assert told.config.sigma == 0.2 and told.setup_notes == []
 
 
 # --------------------------------------------------------------------------- maep, consistency
