@@ -201,8 +201,8 @@ class GaussFlowPureConfig(FlowPureConfig):
     sigma: float | None = field(
         default=None,
         metadata={
-            "help": f"injected noise std, 0 < sigma <= sigma_max = {SIGMA_MAX}; t_start = 1 - sigma/sigma_max (0.15 = gauss_flowpure_0.15); "
-            "None = the dataset's default (0.15; cifar10: 0.1)"
+            "help": f"injected noise std, 0 < sigma <= sigma_max = {SIGMA_MAX}; t_start = 1 - sigma/sigma_max "
+            "(0.15 = gauss_flowpure_0.15); None = the dataset's default (0.15; cifar10: 0.1)"
         },
     )
 
