@@ -1,8 +1,8 @@
-"""Per-threat cost per example, throughput and peak memory, printed as JSON.
+r"""Per-threat cost per example, throughput and peak memory, printed as JSON.
 
     python bench/bench_threats.py [--defense none[,diffpure,...]] [--dataset digits] [--n 128] [--device cpu] [--plugin FILE]
-    python bench/bench_threats.py --dataset cifar10 --data-dir ../shared/data/cifar10_test_first1017.npz \\
-        --classifier resnet20 --weights ../shared/models/resnet20-12fca82f.th \\
+    python bench/bench_threats.py --dataset cifar10 --data-dir ../shared/data/cifar10_test_first1017.npz \
+        --classifier resnet20 --weights ../shared/models/resnet20-12fca82f.th \
         --defense diffpure,diffpure-ddpm,coup,cmap --threats preprocessor-blind,bpda,adaptive --n 8 --n-threat adaptive=4
 
 Each (defense, threat) runs once on a fresh in-memory store with its dataset defaults, so
