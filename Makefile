@@ -28,11 +28,13 @@ run: $(STAMP)
 	$(BIN)/harness run --defense none --threat preprocessor-blind
 
 # The whole suite: ruff (pyproject.toml [tool.ruff]), the strict documentation build (seconds),
-# then the tests (they include the smoke grid and the regression check of its table).
+# then the tests (they include the smoke grid and the regression check of its table). Chromium
+# (the browser test) and the PostgreSQL server (tests against a real server) come from Debian's packages.
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(MAKE) --no-print-directory docs
 	sh dashboard/install_browser.sh
+	sh tests/install_postgres.sh
 	$(BIN)/python -m pytest -q -n 2 tests
 
 # The smoke grid and its regression check alone (tests/test_smoke_grid.py runs the same).

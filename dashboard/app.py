@@ -498,20 +498,21 @@ def main() -> None:
         "Scoring rule over the R evaluation draws", Q.RULES, index=0, key="rule", horizontal=True,
         help="headline = the rule each threat spec names (worst-of-R by default)",
     )
-    sig = Q.store_signature(db)
+    sig = Q.store_signature(db, None if Q.sqlite_file(Q.resolve_url(db)) else _engine(db))
+    shown = Q.display_url(db)  # a server URL without its password
     try:
         jobs_all = _jobs(db, sig, rule)
     except SQLAlchemyError as exc:
-        st.error(f"Cannot read the results store `{db}`: {str(exc).splitlines()[0]}")
+        st.error(f"Cannot read the results store `{shown}`: {str(exc).splitlines()[0]}")
         return
     counts = jobs_all["status"].value_counts().to_dict() if len(jobs_all) else {}
     st.caption(
-        f"Store `{db}` (opened read-only) · {len(jobs_all)} jobs: "
+        f"Store `{shown}` (opened read-only) · {len(jobs_all)} jobs: "
         + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
         + (f" · last finished {jobs_all['finished_at'].max():%Y-%m-%d %H:%M} UTC" if counts.get("done") else "")
     )
     if not counts.get("done"):
-        st.info(Q.EMPTY_HELP.format(db=db))
+        st.info(Q.EMPTY_HELP.format(db=shown))
         if len(jobs_all):
             st.dataframe(jobs_all[["job_id", "status", "reason", "defense", "threat", "dataset", "classifier"]], hide_index=True)
         return

@@ -82,10 +82,10 @@ def cmd_dashboard(args) -> int:
         raise HarnessError("streamlit is not installed: pip install 'streamlit>=1.40'")
     db = resolve_db(args.db)
     headless = default_headless() if args.headless is None else args.headless
-    from dashboard.queries import store_missing
+    from dashboard.queries import display_url, store_missing
 
     where = f"http://{args.address or 'localhost'}:{args.port}"
-    print(f"serving the leaderboard of {db} (read-only) at {where}; Ctrl-C stops it", file=sys.stderr)
+    print(f"serving the leaderboard of {display_url(db)} (read-only) at {where}; Ctrl-C stops it", file=sys.stderr)
     if store_missing(db):
         print(f"note: {db} does not exist yet; the page shows how to produce results", file=sys.stderr)
     env = {**os.environ, DB_ENV: db, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}

@@ -37,8 +37,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import String, and_, create_engine, event, inspect, literal, select, type_coerce
+from sqlalchemy import String, and_, create_engine, event, inspect, literal, select, text, type_coerce
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from harness.evaluation.flags import format_flags
@@ -47,7 +48,7 @@ from harness.store import resolve_url
 from harness.store.check import shift_label
 from harness.store.codec import decode_images
 from harness.store.schema import CurveRow, ExampleRow, Job, MetricRow, SampleRow
-from harness.store.store import readonly_url, sqlite_file, store_missing  # noqa: F401 (the page uses them from here)
+from harness.store.store import display_url, readonly_url, server_engine_args, sqlite_file, store_missing  # noqa: F401 (the page)
 
 KEY = ["defense", "classifier", "dataset"]
 #: Column order of the threat models the harness ships; others follow alphabetically.
@@ -84,10 +85,12 @@ harness dashboard --db {db}
 
 # --------------------------------------------------------------------------- connection
 def make_engine(db: str | None) -> Engine:
-    """A read-only engine: SQLite opened with ``mode=ro`` and ``PRAGMA query_only``."""
+    """A read-only engine: SQLite opened with ``mode=ro`` and ``PRAGMA query_only``; PostgreSQL with read-only
+    transactions (``default_transaction_read_only``, enforced by the server).
+    """
     url = readonly_url(db)
     if not url.startswith("sqlite"):
-        return create_engine(url)
+        return create_engine(url, **server_engine_args(url, read_only=True))
     # NullPool: a fresh connection per query (cheap for SQLite) always sees the current
     # file, even when the store is replaced on disk while the page is open
     engine = create_engine(url, connect_args={"timeout": 30}, poolclass=NullPool)
@@ -102,13 +105,23 @@ def make_engine(db: str | None) -> Engine:
     return engine
 
 
-def store_signature(db: str | None) -> tuple:
+def store_signature(db: str | None, engine: Engine | None = None) -> tuple:
     """Cache key that changes whenever the store does: mtime and size of the SQLite file
-    and of its WAL (writers append to the WAL first). Other databases: a 30 s bucket.
+    and of its WAL (writers append to the WAL first). A server database: the number of
+    jobs and batches and the latest job start and finish (``engine``: the page's read-only
+    engine; without one, or when the query fails, a 30 s bucket).
     """
     url = resolve_url(db)
     path = sqlite_file(url)
     if path is None:
+        if engine is not None:
+            try:
+                with engine.connect() as conn:
+                    row = conn.execute(text("SELECT (SELECT count(*) FROM jobs), (SELECT count(*) FROM batches), "
+                                            "(SELECT max(created_at) FROM jobs), (SELECT max(finished_at) FROM jobs)")).one()
+                return ("url", url, *(str(v) for v in row))
+            except SQLAlchemyError:
+                pass
         return ("url", url, int(time.time() // 30))
     sig: list[Any] = [str(path)]
     for f in (path, path.with_name(path.name + "-wal")):

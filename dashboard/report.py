@@ -99,11 +99,11 @@ def jobs_from_store(db: str | None) -> tuple[pd.DataFrame, Source]:
     except Exception as exc:  # a file that is not a store, a server that refuses: one line
         if isinstance(exc, HarnessError):
             raise
-        raise HarnessError(f"cannot read store {db}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        raise HarnessError(f"cannot read store {q.display_url(db)}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
     finally:
         engine.dispose()
     skipped = [(r.defense, r.threat, r.dataset, str(r.reason or "")) for r in jobs.itertuples() if r.status == "skipped"]
-    return _complete(jobs), Source("store", str(db), True, skipped=skipped)
+    return _complete(jobs), Source("store", q.display_url(db), True, skipped=skipped)
 
 
 def jobs_from_table(path: str | Path) -> tuple[pd.DataFrame, Source]:

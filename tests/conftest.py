@@ -79,3 +79,34 @@ def shared_dir() -> Path | None:
     """$HARNESS_SHARED (CI sets it to ../shared); tests needing it skip only when unset."""
     v = os.environ.get("HARNESS_SHARED")
     return Path(v) if v else None
+
+
+def _missing(reason: str):
+    """Skip a test that needs something this machine lacks; under CI (``CI`` set, as `.ci/run` runs) fail instead."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI must run this test: `make test` runs tests/install_postgres.sh)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A throwaway PostgreSQL server for the session (tests/pgserver.py); skipped only where no server binary exists."""
+    from tests.pgserver import PgServer, find_binaries
+
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        _missing("psycopg (3) is not installed: pip install -e '.[postgres]'")
+    bindir = find_binaries()
+    if bindir is None:
+        _missing("no PostgreSQL server binaries (initdb, pg_ctl, postgres) on PATH or in /usr/lib/postgresql/*/bin: "
+                 "sh tests/install_postgres.sh installs Debian's postgresql")
+    server = PgServer(bindir).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server) -> str:
+    """The URL of a new, empty database on the session's server (user, password, 127.0.0.1, its port)."""
+    return pg_server.database()

@@ -18,7 +18,7 @@ def find_job(store, prefix: str):
     """The one job whose id starts with ``prefix`` (a one-line error when none or several do)."""
     matches = store.find_jobs(prefix)
     if not matches:
-        raise HarnessError(f"no job with id starting '{prefix}' in {store.url}")
+        raise HarnessError(f"no job with id starting '{prefix}' in {store.shown_url}")
     if len(matches) > 1:
         raise HarnessError(f"job id prefix '{prefix}' is ambiguous ({len(matches)} jobs)")
     return matches[0]

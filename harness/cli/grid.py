@@ -9,12 +9,12 @@ def cmd_grid(args) -> int:
     """
     from harness.scheduler import load_grid, plan, run_grid
     from harness.store import Store, resolve_url
-    from harness.store.store import store_missing
+    from harness.store.store import display_url, store_missing
 
     spec = load_grid(args.file)
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else ["cpu"]
     print(f"grid {spec.name}: {len(spec.defenses)} defenses x {len(spec.threats)} threats x {len(spec.datasets)} datasets "
-          f"x {max(1, len(spec.classifiers))} classifiers x {len(spec.seeds)} seeds -> {resolve_url(args.db)}")
+          f"x {max(1, len(spec.classifiers))} classifiers x {len(spec.seeds)} seeds -> {display_url(resolve_url(args.db))}")
     # planning only reads the store (when there is one): a mistake in the grid creates or changes nothing
     reader = None if store_missing(args.db) else Store(args.db, read_only=True)
     cells = plan(spec, reader, force=args.force)

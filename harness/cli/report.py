@@ -18,7 +18,9 @@ from pathlib import Path
 
 def command_args(args) -> str:
     """The arguments of this invocation that decide its output, canonically spelled (what the page says produced it)."""
-    words = ["--table", args.table] if args.table else ["--db", args.db] if args.db else []
+    from harness.store.store import display_url
+
+    words = ["--table", args.table] if args.table else ["--db", display_url(args.db)] if args.db else []  # no password
     for d in args.dataset or ():
         words += ["--dataset", d]
     if args.brief:

@@ -18,7 +18,7 @@ def cmd_results(args) -> int:
         print(json.dumps(rows, default=str))
         return 0
     if not rows:
-        print(f"no results in {store.url}; run e.g. `harness run --defense none --threat preprocessor-blind`")
+        print(f"no results in {store.shown_url}; run e.g. `harness run --defense none --threat preprocessor-blind`")
         return 0
     from harness.evaluation.flags import format_flags
 

@@ -147,7 +147,7 @@ def cmd_run(args) -> int:
     if args.json:
         print(json.dumps(outcome.as_json(), default=str))
     else:
-        print_outcome(outcome, store.url)
+        print_outcome(outcome, store.shown_url)
     return 0
 
 

@@ -17,8 +17,8 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 import numpy as np
-from sqlalchemy import create_engine, delete, event, insert, inspect, select
-from sqlalchemy.engine import make_url
+from sqlalchemy import create_engine, delete, event, insert, inspect, select, text
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.orm import Session, defer, sessionmaker
 from sqlalchemy.orm.attributes import set_committed_value
@@ -40,6 +40,12 @@ from harness.store.schema import (
 )
 
 DEFAULT_DB = "results.db"
+#: The transaction-level advisory lock every write transaction on PostgreSQL takes first (the server's
+#: counterpart of SQLite's ``BEGIN IMMEDIATE``): any number of first writers create the schema once, and
+#: a check-then-insert (a job, a batch, an adversarial-cache entry) is atomic across processes and machines.
+WRITE_LOCK = 0x68617273  # "hars"
+#: Seconds a server connection attempt waits before it is a one-line error (a server that is down or unreachable).
+CONNECT_TIMEOUT_S = 10
 
 
 def resolve_url(db: str | None) -> str:
@@ -68,7 +74,8 @@ def sqlite_file(url: str) -> Path | None:
 def readonly_url(db: str | None) -> str:
     """``--db`` (path or URL) -> a URL SQLite opens read-only (``mode=ro``: it never creates the file).
 
-    Other databases are passed through: point readers at a read-only role there.
+    Server URLs are passed through: their readers open read-only sessions instead
+    (:func:`server_engine_args`).
     """
     url = resolve_url(db)
     path = sqlite_file(url)
@@ -78,6 +85,39 @@ def readonly_url(db: str | None) -> str:
     # can write there either, so the file is opened as immutable
     mode = "mode=ro&immutable=1" if _read_only_fs(path) else "mode=ro"
     return f"sqlite:///file:{quote(str(path.resolve()))}?{mode}&uri=true"
+
+
+def display_url(db: str | None) -> str:
+    """``--db`` as it may be printed: a path as given, a URL without its password (``***``)."""
+    db = db or os.environ.get("HARNESS_DB") or DEFAULT_DB
+    if "://" not in db:
+        return db
+    try:
+        return make_url(db).render_as_string(hide_password=True)
+    except ArgumentError:
+        return db.split("://", 1)[0] + "://..."
+
+
+def is_server(url: str) -> bool:
+    """Whether ``url`` names a database server (PostgreSQL) rather than a SQLite file or memory."""
+    return not url.startswith("sqlite")
+
+
+def server_engine_args(url: str, read_only: bool) -> dict[str, Any]:
+    """``create_engine`` arguments for a server URL: a connect timeout, UTC timestamps and, for readers, a
+    server-enforced read-only session (``default_transaction_read_only``: every transaction of the
+    connection is read-only, whatever a query tries). Other servers than PostgreSQL get none.
+    """
+    try:
+        backend = make_url(url).get_backend_name()
+    except ArgumentError:
+        return {}
+    if backend != "postgresql":
+        return {}
+    options = "-c timezone=UTC" + (" -c default_transaction_read_only=on" if read_only else "")
+    return {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S, "options": options,
+                             "application_name": "purification-harness"},
+            "pool_pre_ping": True}
 
 
 def store_missing(db: str | None) -> bool:
@@ -130,7 +170,7 @@ def _reads(fn):
 
 
 class Store:
-    """Read and write jobs. Safe for several writer processes on one SQLite file (WAL).
+    """Read and write jobs. Safe for several writer processes on one SQLite file (WAL) or one PostgreSQL database.
 
     On SQLite every write transaction starts with ``BEGIN IMMEDIATE``: it takes the
     file's write lock before its first read, so a check-then-insert (a batch already
@@ -138,11 +178,12 @@ class Store:
     atomic across processes; other processes wait for the lock (60 s) instead of
     failing. Reads run in ordinary (deferred) transactions and never block writers.
     Creating the schema is one such transaction, so any number of processes may open a
-    store that does not exist yet at the same time.
+    store that does not exist yet at the same time. On PostgreSQL every write transaction
+    takes one advisory lock first (:data:`WRITE_LOCK`), to the same effect.
 
     ``read_only=True`` never creates or writes anything: a SQLite file is opened with
-    ``mode=ro``, and a missing file, or one that holds no results store, is a one-line
-    error.
+    ``mode=ro``, a server connection with read-only transactions, and a missing file, or
+    one that holds no results store, is a one-line error.
     """
 
     def __init__(self, url: str | None = None, *, read_only: bool = False):
@@ -174,10 +215,17 @@ class Store:
         except ArgumentError:
             return "'" + self.url + "'"
 
+    @property
+    def shown_url(self) -> str:
+        """The store's URL as it may be printed (without a password)."""
+        return display_url(self.url)
+
     def _error(self, exc: BaseException) -> HarnessError:
-        """One line naming the store and what went wrong."""
+        """One line naming the store (a URL without its password) and what went wrong."""
         msg = _first_line(exc)
         low = msg.lower()
+        if self._path is None and isinstance(exc, OperationalError) and ("connection" in low or "authentication" in low):
+            return HarnessError(f"results store {self._where()}: cannot connect to the database server: {msg}")
         if "readonly" in low or "read-only" in low:
             return HarnessError(f"results store {self._where()} cannot be written (a read-only file or folder?): {msg}")
         if "not a database" in low:
@@ -198,10 +246,11 @@ class Store:
         if _read_only_fs(folder) or not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
             raise HarnessError(f"results store {path} cannot be written: the file or its folder is read-only")
 
-    def _engine(self, url: str):
+    def _engine(self, url: str) -> Engine:
         try:
             make_url(url)
-            engine = create_engine(url, **({"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}))
+            kw = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else server_engine_args(url, self.read_only)
+            engine = create_engine(url, **kw)
         except NoSuchModuleError:  # (an ArgumentError)
             raise HarnessError(f"--db {self._where()}: unknown database kind '{self.url.split(':', 1)[0]}'") from None
         except ArgumentError as exc:
@@ -243,8 +292,8 @@ class Store:
             else:
                 self._check_version(row.value)
 
-        # another server-database process may create the same tables at the same moment:
-        # the loser's retry then finds them
+        # under the write lock on SQLite and PostgreSQL; another server database may still race
+        # (two processes creating one table): the loser's retry then finds it
         self._write(fn, retry_on=(IntegrityError, ProgrammingError))
 
     def _check_version(self, value: str) -> None:
@@ -294,7 +343,8 @@ class Store:
                 if conflicts > 2 or i == attempts - 1:
                     raise
             except OperationalError as exc:
-                if "locked" not in str(exc).lower() and "busy" not in str(exc).lower() or i == attempts - 1:
+                low = str(exc).lower()
+                if not any(w in low for w in ("locked", "busy", "deadlock", "could not serialize")) or i == attempts - 1:
                     raise
             time.sleep(0.05 * 2**i)
 
@@ -312,8 +362,12 @@ class Store:
         if self.read_only:
             raise HarnessError(f"results store {self._where()} was opened read-only")
 
+        server = self.engine.dialect.name == "postgresql"
+
         def tx():
             with self._write_sessions.begin() as s:
+                if server:  # writers one at a time, as SQLite's write lock (see WRITE_LOCK)
+                    s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": WRITE_LOCK})
                 return fn(s)
 
         try:
