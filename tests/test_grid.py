@@ -13,10 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from harness.cli import main
+from harness.core.registry import HarnessError
 from harness.scheduler import GridError, expand, load_grid, run_grid
 from harness.store import Store
+from harness.store.schema import ExampleRow
 from tests.conftest import TOY_PLUGIN
 
 GRID = f"""
@@ -114,8 +117,7 @@ def test_grid_runs_skips_and_is_idempotent(tmp_path, capsys):
     assert len(rows(Path(db))) == n_rows == 6 * 40
 
 
-def test_sigkill_mid_grid_then_rerun_gives_exactly_the_uninterrupted_rows(tmp_path):
-    text = f"""
+SIGKILL_GRID = f"""
 n_examples: 80
 set: {{batch_size: 16}}
 plugins: [{TOY_PLUGIN}]
@@ -128,33 +130,56 @@ threats:
     set: {{steps: 10, eot_samples: 2}}
 datasets: [digits]
 """
-    g = write(tmp_path, text)
-    ref_db, db = tmp_path / "ref.db", tmp_path / "killed.db"
-    exe = [sys.executable, "-m", "harness.cli", "grid", str(g)]
-    subprocess.run(exe + ["--db", str(ref_db)], check=True, capture_output=True, timeout=600)
-    reference = rows(ref_db)
 
-    proc = subprocess.Popen(exe + ["--db", str(db)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
+
+def stored_rows(db: str) -> list[tuple]:
+    """The examples of a store (a SQLite path or a server URL) as decoded values, in (job, position) order."""
+    e = ExampleRow.__table__
+    st = Store(db, read_only=True)
+    try:
+        with st.engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(select(e.c.job_id, e.c.position, e.c.clean_preds, e.c.adv_preds, e.c.linf)
+                                                   .order_by(e.c.job_id, e.c.position))]
+    finally:
+        st.close()
+
+
+@pytest.fixture(scope="module")
+def sigkill_reference(tmp_path_factory) -> list[tuple]:
+    """The rows of the uninterrupted SIGKILL_GRID (a SQLite store)."""
+    folder = tmp_path_factory.mktemp("reference")
+    g, ref_db = write(folder, SIGKILL_GRID), folder / "ref.db"
+    subprocess.run([sys.executable, "-m", "harness.cli", "grid", str(g), "--db", str(ref_db)], check=True, capture_output=True,
+                   timeout=900)
+    return stored_rows(str(ref_db))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_sigkill_mid_grid_then_rerun_gives_exactly_the_uninterrupted_rows(backend, tmp_path, request, sigkill_reference):
+    g = write(tmp_path, SIGKILL_GRID)
+    db = str(tmp_path / "killed.db") if backend == "sqlite" else request.getfixturevalue("pg_url")
+    exe = [sys.executable, "-m", "harness.cli", "grid", str(g)]
+    reference = sigkill_reference
+
+    proc = subprocess.Popen(exe + ["--db", db], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
     killed_at = None
-    while time.time() < deadline:
+    while time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-        if db.exists():
-            try:
-                n = len(rows(db))
-            except sqlite3.OperationalError:
-                continue
-            if n >= 80 + 16:  # one job done and part of the next: kill mid-job
-                os.killpg(proc.pid, signal.SIGKILL)
-                killed_at = n
-                break
+        try:
+            n = len(stored_rows(db))
+        except (HarnessError, sqlite3.OperationalError):  # not created yet
+            continue
+        if n >= 80 + 16:  # one job done and part of the next: kill mid-job
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed_at = n
+            break
     proc.wait(timeout=30)
     assert killed_at is not None and killed_at < len(reference), "the grid finished before it could be killed"
-    st = Store(str(db))
-    assert any(j.status == "running" for j in st.jobs())  # a job was interrupted mid-way
-    subprocess.run(exe + ["--db", str(db)], check=True, capture_output=True, timeout=600)
-    assert rows(db) == reference
-    assert all(j.status in ("done", "skipped") for j in Store(str(db)).jobs())
+    assert any(j.status == "running" for j in Store(db, read_only=True).jobs())  # a job was interrupted mid-way
+    subprocess.run(exe + ["--db", db], check=True, capture_output=True, timeout=900)
+    assert stored_rows(db) == reference
+    assert all(j.status in ("done", "skipped") for j in Store(db, read_only=True).jobs())
 
 
 def test_a_grid_killed_during_force_keeps_the_old_rows(tmp_path):

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from harness.cli import main
 from harness.scheduler import load_grid, run_grid
@@ -53,29 +54,40 @@ def stored_numbers(store: Store, job_id: str) -> tuple:
     return examples, metrics, store.curves(job_id)
 
 
-def test_eight_processes_on_a_new_store_each_store_exactly_their_solo_rows(tmp_path, capsys):
-    db = tmp_path / "new.db"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the solo runs below use one thread too (conftest)
+@pytest.fixture(scope="module")
+def solo_numbers(tmp_path_factory) -> list[tuple]:
+    """Each job of JOBS alone in a SQLite store of its own (nothing to reuse): its stored numbers."""
+    out = []
+    for k, args in enumerate(JOBS):
+        solo_db = tmp_path_factory.mktemp("solo") / f"solo{k}.db"
+        assert main(["run", *args, *COMMON, "--db", str(solo_db), "--no-progress"]) == 0
+        solo = Store(str(solo_db), read_only=True)
+        out.append(stored_numbers(solo, solo.jobs()[0].id))
+    return out
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_eight_processes_on_a_new_store_each_store_exactly_their_solo_rows(backend, tmp_path, request, solo_numbers, capsys):
+    db = str(tmp_path / "new.db") if backend == "sqlite" else request.getfixturevalue("pg_url")  # a server store: a fresh database
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the solo runs use one thread too (conftest)
     procs = [
-        subprocess.Popen(CLI + ["run", *args, *COMMON, "--db", str(db), "--json", "--no-progress"],
+        subprocess.Popen(CLI + ["run", *args, *COMMON, "--db", db, "--json", "--no-progress"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         for args in JOBS
     ]
-    outs = [p.communicate(timeout=600) for p in procs]
+    outs = [p.communicate(timeout=900) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     ids = [json.loads(out)["job_id"] for out, _ in outs]
     assert ids[0] == ids[1] and len(set(ids)) == 7
 
-    shared = Store(str(db), read_only=True)
+    shared = Store(db, read_only=True)
     assert {j.id: j.status for j in shared.jobs()} == {i: "done" for i in ids}
-    with sqlite3.connect(db) as con:  # one cached entry per batch of the shared attack, whoever wrote it first
-        assert con.execute("select count(*) from adv_cache").fetchone()[0] == 2
-        assert con.execute("select count(*) from meta").fetchone()[0] == 1
-    for k, (args, job_id) in enumerate(zip(JOBS, ids, strict=True)):
-        solo_db = tmp_path / f"solo{k}.db"  # each job alone in a store of its own: nothing to reuse
-        assert main(["run", *args, *COMMON, "--db", str(solo_db), "--no-progress"]) == 0
-        assert stored_numbers(shared, job_id) == stored_numbers(Store(str(solo_db), read_only=True), job_id), args
+    with shared.engine.connect() as con:  # one cached entry per batch of the shared attack, whoever wrote it first
+        assert con.execute(text("select count(*) from adv_cache")).scalar() == 2
+        assert con.execute(text("select count(*) from meta")).scalar() == 1
+    for args, job_id, solo in zip(JOBS, ids, solo_numbers, strict=True):
+        assert stored_numbers(shared, job_id) == solo, args
     capsys.readouterr()
 
 

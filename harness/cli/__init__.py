@@ -8,6 +8,7 @@
   check      compare stored results with an accuracy table; non-zero exit on regressions (check.py)
   compare    paired comparison of two jobs on their shared examples: 2x2 table, exact McNemar  (compare.py)
   report     the leaderboard as Markdown (or a CSV summary) from a store or a committed table  (report.py)
+  merge      merge stores from several machines into one, keyed by job identity (merge.py)
   dashboard  the Streamlit leaderboard over a store (read-only)                       (dashboard/cli.py)
   train      train the models the harness ships (``harness train classifier ...``)     (train.py)
 
@@ -23,7 +24,7 @@ from typing import Sequence
 from harness.core.registry import HarnessError
 
 #: Command modules in the order ``harness --help`` lists them; each has ``add_parser(sub)``.
-COMMANDS = ("run", "ls", "results", "show", "grid", "check", "compare", "report", "train")
+COMMANDS = ("run", "ls", "results", "show", "grid", "check", "compare", "report", "merge", "train")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

@@ -9,14 +9,14 @@ def cmd_grid(args) -> int:
     """
     from harness.scheduler import load_grid, plan, run_grid
     from harness.store import Store, resolve_url
-    from harness.store.store import display_url, store_missing
+    from harness.store.store import display_url, open_existing
 
     spec = load_grid(args.file)
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else ["cpu"]
     print(f"grid {spec.name}: {len(spec.defenses)} defenses x {len(spec.threats)} threats x {len(spec.datasets)} datasets "
           f"x {max(1, len(spec.classifiers))} classifiers x {len(spec.seeds)} seeds -> {display_url(resolve_url(args.db))}")
     # planning only reads the store (when there is one): a mistake in the grid creates or changes nothing
-    reader = None if store_missing(args.db) else Store(args.db, read_only=True)
+    reader = open_existing(args.db)
     cells = plan(spec, reader, force=args.force)
     summary = run_grid(
         spec, reader if args.dry_run else Store(args.db), executor=args.executor, devices=devices, address=args.address,

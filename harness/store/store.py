@@ -126,6 +126,20 @@ def store_missing(db: str | None) -> bool:
     return path is not None and not path.exists()
 
 
+def open_existing(db: str | None) -> Store | None:
+    """The store ``db`` opened read-only, or None when it holds no store yet: no SQLite file, or a server
+    database without the tables (planning against it then plans against an empty store; nothing is created).
+    """
+    if store_missing(db):
+        return None
+    try:
+        return Store(db, read_only=True)
+    except HarnessError as exc:
+        if not is_server(resolve_url(db)) or "holds no results" not in str(exc):
+            raise
+        return None
+
+
 def _read_only_fs(path: Path) -> bool:
     """Whether ``path`` (or its folder) lies on a file system mounted read-only."""
     try:
