@@ -106,6 +106,8 @@ def environment(device: torch.device | str) -> dict:
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
         "git_sha": git_sha(),
+        # every batch runs inside harness.core.numerics.no_tf32: plain float32 matmuls and convolutions on CUDA
+        "tf32_during_evaluation": False,
     }
     if device.type == "cuda" and torch.cuda.is_available():
         env["device_name"] = torch.cuda.get_device_name(device)

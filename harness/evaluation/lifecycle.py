@@ -23,6 +23,7 @@ import numpy as np
 
 from harness.core.defense import GradientPath
 from harness.core.env import environment
+from harness.core.numerics import no_tf32
 from harness.core.registry import HarnessError
 from harness.evaluation.aggregate import aggregate
 from harness.evaluation.batch import adv_cache_key, run_batch
@@ -108,6 +109,9 @@ class JobWriter:
         self.buffer: list[dict] = []
         self.resumed = 0
         self.t_start = time.perf_counter()
+        #: where the batches ran, as the worker that ran them saw it (a grid's worker process or Ray task);
+        #: None: this process (``harness run``)
+        self.environment: dict | None = None
 
     def begin(self) -> set[int]:
         """Mark the job running (unless it is a forced rerun of a finished one); return the
@@ -148,7 +152,7 @@ class JobWriter:
         }
         payload = dict(
             metrics=agg["metrics"], curves=agg["curves"], timings=timings, nfe=agg["nfe"],
-            environment=environment(job.device), fields={**job_fields(job), "flags": agg["flags"]},
+            environment=self.environment or environment(job.device), fields={**job_fields(job), "flags": agg["flags"]},
         )
         if self.in_memory:
             store.replace_job(job.job_id, self.buffer, **payload)
@@ -188,11 +192,13 @@ def iter_batches(
     try:
         for b in todo:
             lo, hi = b * bs, min(n, (b + 1) * bs)
-            x = job.subset.x[lo:hi].to(job.device)
-            y = job.subset.y[lo:hi].to(job.device)
-            key = adv_cache_key(job, b)
-            cached = adv_lookup(key) if (key is not None and adv_lookup is not None) else None
-            yield b, run_batch(job, b, x, y, np.arange(lo, hi), bar.update, cached_adv=cached)
+            with no_tf32():  # per batch, so that the caller's flags are its own between batches
+                x = job.subset.x[lo:hi].to(job.device)
+                y = job.subset.y[lo:hi].to(job.device)
+                key = adv_cache_key(job, b)
+                cached = adv_lookup(key) if (key is not None and adv_lookup is not None) else None
+                payload = run_batch(job, b, x, y, np.arange(lo, hi), bar.update, cached_adv=cached)
+            yield b, payload
     finally:
         bar.close()
 

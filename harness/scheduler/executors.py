@@ -17,6 +17,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterator
 
+from harness.core.env import environment
 from harness.core.registry import HarnessError
 from harness.evaluation import RunConfig, iter_batches, resolve
 from harness.evaluation.lifecycle import freeze_gc
@@ -88,6 +89,7 @@ def _worker_main(device: str, tasks, results, threads: int | None, store_url: st
                 )
             for b, payload in iter_batches(job, set(skip), adv_lookup=reader.get_adv):
                 results.put(("batch", job_id, b, payload))
+            results.put(("env", job_id, None, environment(job.device)))
             results.put(("done", job_id, None, None))
         except Exception as exc:  # report, then keep serving other jobs
             msg = str(exc) if isinstance(exc, HarnessError) else f"{type(exc).__name__}: {exc}"
@@ -143,11 +145,57 @@ class LocalExecutor:
                 p.join(timeout=5)
 
 
+#: Times a Ray job is resubmitted after its task was lost to a system failure (a node or worker that died).
+RAY_RESUBMITS = 3
+
+
+def plugin_sources(tasks: list[Task]) -> dict[str, bytes]:
+    """The plugin files the tasks import (path -> bytes), sent to every Ray task through the object store."""
+    out: dict[str, bytes] = {}
+    for t in tasks:
+        for p in t.cfg.plugins:
+            if p.endswith(".py") and p not in out and Path(p).is_file():
+                out[p] = Path(p).read_bytes()
+    return out
+
+
+def _localise_plugins(cfg: RunConfig, sources: dict[str, bytes]) -> RunConfig:
+    """``cfg`` with each plugin file this node lacks written from ``sources`` to a cache folder of the node.
+
+    The file keeps its name and bytes, so the job identity (which hashes a plugin's source by
+    file name and content) is the driver's.
+    """
+    import hashlib
+    import tempfile
+
+    plugins = []
+    for p in cfg.plugins:
+        if p in sources and not Path(p).is_file():
+            data = sources[p]
+            folder = Path(tempfile.gettempdir()) / "harness-plugins" / hashlib.sha256(data).hexdigest()[:16]
+            folder.mkdir(parents=True, exist_ok=True)
+            local = folder / Path(p).name
+            if not local.is_file() or local.read_bytes() != data:
+                tmp = local.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_bytes(data)
+                tmp.replace(local)
+            p = str(local)
+        plugins.append(p)
+    return dataclasses.replace(cfg, plugins=tuple(plugins))
+
+
 class RayExecutor:
     """Every job is a Ray task that requests its device; batches stream back to the driver.
 
     Uses Ray's streaming generators, so each batch reaches the driver (which alone
-    writes to the store) as soon as the task yields it.
+    writes to the store) as soon as the task yields it. A task lost to a system failure
+    (its node's raylet or its worker died) is resubmitted, at most :data:`RAY_RESUBMITS`
+    times, without the batches the driver already has; Ray places it on a node that is
+    alive. Each task first reports the node it runs on and, after its last batch, the
+    environment it ran in (with the Ray node id); the job stores that environment, with
+    the nodes of every attempt in ``environment.ray_nodes``. Plugin files reach every node
+    through the object store; a weights or data file a node lacks fails the job with a
+    message naming the file and the node (declare such files on a path every node shares).
     """
 
     def __init__(self, address: str | None, gpus_per_job: float, num_cpus: int | None = None, threads: int | None = None):
@@ -175,18 +223,33 @@ class RayExecutor:
                 try:
                     ray.init(**kw)
                     started = True
+                except (ConnectionError, RuntimeError, ValueError) as exc:
+                    where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
+                    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise HarnessError(f"cannot connect to {where}: {msg}") from None
                 finally:
                     if reaper is not None:
                         reaper.track(force=True)
-            task = ray.remote(num_returns="streaming")(_ray_job)
-            gens = {}
+            # max_retries=0: a lost task is resubmitted here, without the batches already stored
+            task = ray.remote(num_returns="streaming", max_retries=0)(_ray_job)
+            sources = ray.put(plugin_sources(tasks_in))
+            gens: dict[Any, Task] = {}
+            got: dict[str, set[int]] = {t.job_id: set() for t in tasks_in}
+            nodes: dict[str, list[str]] = {t.job_id: [] for t in tasks_in}
+            lost: dict[str, int] = {}
             ready, held = split_held(tasks_in)
 
             def submit(ts: list[Task]) -> None:
                 for t in ts:
                     opts = {"num_gpus": self.gpus_per_job, "num_cpus": 1}
-                    ref = task.options(**opts).remote(t.job_id, t.cfg, list(t.skip), store_url, self.gpus_per_job > 0, self.threads or 1)
-                    gens[ref] = t.job_id
+                    skip = sorted(set(t.skip) | got[t.job_id])
+                    ref = task.options(**opts).remote(t.job_id, t.cfg, skip, store_url, self.gpus_per_job > 0, self.threads or 1, sources)
+                    gens[ref] = t
+
+            def ended(gen, kind: str, payload: Any) -> None:
+                t = gens.pop(gen)
+                on_event(kind, t.job_id, None, payload)
+                submit(held.pop(t.job_id, []))
 
             submit(ready)
             while gens:
@@ -194,23 +257,33 @@ class RayExecutor:
                     reaper.track()  # task workers start as tasks are scheduled
                 ready, _ = ray.wait(list(gens), num_returns=1, timeout=10)
                 for gen in ready:
-                    job_id = gens[gen]
+                    t = gens[gen]
                     try:
-                        ref = next(gen)
+                        kind, b, payload = ray.get(next(gen))
                     except StopIteration:
-                        del gens[gen]
-                        on_event("done", job_id, None, None)
-                        submit(held.pop(job_id, []))
+                        ended(gen, "done", None)
                         continue
-                    try:
-                        b, payload = ray.get(ref)
-                    except Exception as exc:  # the task raised
-                        del gens[gen]
+                    except ray.exceptions.RayTaskError as exc:  # the job itself raised (on whichever node)
                         cause = getattr(exc, "cause", None) or exc
-                        on_event("error", job_id, None, str(cause).splitlines()[0] if str(cause) else type(cause).__name__)
-                        submit(held.pop(job_id, []))
+                        ended(gen, "error", str(cause).splitlines()[0] if str(cause) else type(cause).__name__)
                         continue
-                    on_event("batch", job_id, b, payload)
+                    except ray.exceptions.RayError as exc:  # a system failure: the task's node or worker is gone
+                        lost[t.job_id] = lost.get(t.job_id, 0) + 1
+                        if lost[t.job_id] > RAY_RESUBMITS:
+                            ended(gen, "error", f"lost {lost[t.job_id]} times on Ray ({type(exc).__name__}): {str(exc).splitlines()[0]}")
+                            continue
+                        del gens[gen]
+                        on_event("lost", t.job_id, None, f"{type(exc).__name__}; resubmitted without its {len(got[t.job_id])} "
+                                                          "stored batches")
+                        submit([t])
+                        continue
+                    if kind == "node":
+                        nodes[t.job_id].append(payload)
+                    elif kind == "env":
+                        on_event("env", t.job_id, None, {**payload, "ray_nodes": list(nodes[t.job_id])})
+                    else:
+                        got[t.job_id].add(b)
+                        on_event("batch", t.job_id, b, payload)
         finally:
             if started:
                 ray.shutdown()
@@ -218,21 +291,34 @@ class RayExecutor:
                 reaper.close()
 
 
-def _ray_job(job_id: str, cfg: RunConfig, skip: list[int], store_url: str, gpu: bool, threads: int = 1) -> Iterator[tuple[int, dict]]:
+def _ray_job(job_id: str, cfg: RunConfig, skip: list[int], store_url: str, gpu: bool, threads: int = 1,
+             sources: dict[str, bytes] | None = None) -> Iterator[tuple[str, int | None, Any]]:
+    import ray
     import torch
 
     torch.set_num_threads(threads)  # a task holds one CPU (num_cpus=1): more threads only oversubscribe it
+    node = ray.get_runtime_context().get_node_id()
+    yield "node", None, node
     device = "cuda" if gpu else "cpu"
-    job = resolve(dataclasses.replace(cfg, device=device))
+    try:
+        job = resolve(dataclasses.replace(_localise_plugins(cfg, sources or {}), device=device))
+    except HarnessError as exc:  # e.g. a weights or data file this node lacks: name the node too
+        raise HarnessError(f"on Ray node {node[:12]} ({ray.util.get_node_ip_address()}): {exc}") from None
     freeze_gc()
     if job.job_id != job_id:
         raise HarnessError(
             f"job identity differs on the Ray worker ({job.job_id[:12]} != {job_id[:12]}): "
             "a plugin's source file or the package versions changed after the grid started?"
         )
-    # the adversarial-example cache is read where the SQLite file is visible (same machine
-    # or a shared filesystem); elsewhere the worker computes them itself
+    # the adversarial-example cache is read where the store is reachable: a SQLite file this node sees
+    # (same machine or a shared filesystem) or a database server; elsewhere the worker computes them itself
     path = store_url.split("sqlite:///", 1)[1] if store_url.startswith("sqlite:///") else None
-    reader = Store(store_url, read_only=True) if path and Path(path).is_file() else None
+    reader = None
+    if (path and Path(path).is_file()) or not store_url.startswith("sqlite"):
+        try:
+            reader = Store(store_url, read_only=True)
+        except HarnessError:
+            reader = None
     for b, payload in iter_batches(job, set(skip), adv_lookup=reader.get_adv if reader else None):
-        yield b, payload
+        yield "batch", b, payload
+    yield "env", None, {**environment(job.device), "ray_node_id": node, "ray_node_ip": ray.util.get_node_ip_address()}

@@ -118,6 +118,12 @@ def run_grid(
         if kind == "batch":
             writer.write(b, payload)
             return
+        if kind == "env":  # where the worker ran the batches: stored with the job when it finishes
+            writer.environment = payload
+            return
+        if kind == "lost":  # a Ray task lost with its node; it runs again elsewhere
+            log(f"  lost    {cell.label()}: {payload}")
+            return
         if kind == "done":
             try:
                 writer.finish()
