@@ -103,8 +103,8 @@ def test_grid_runs_skips_and_is_idempotent(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("  run ") == 6 and out.count("  skip ") == 3 and "no 'adjoint' gradient path" in out
     # a cell's label carries its axis overrides (not the grid-wide set), so cells of one threat differ
-    assert "none x bpda x digits x default x seed 0 [steps=3]\n" in out and "batch_size" not in out
-    assert "none x preprocessor-blind x digits x default x seed 0\n" in out
+    assert "none x bpda x digits x default x seed 0 [steps=3]  (linf eps=0.2)\n" in out and "batch_size" not in out
+    assert "none x preprocessor-blind x digits x default x seed 0  (linf eps=0.2)\n" in out
     assert main(["grid", str(g), "--db", db]) == 0
     out = capsys.readouterr().out
     assert "summary: ran 6, skipped 3" in out
@@ -320,7 +320,9 @@ BASE = "n_examples: 8\ndefenses: [none]\nthreats: [bpda]\ndatasets: [digits]\n"
         (BASE + "threats: [adaptive]\n", 5, "duplicate key 'threats' (first given on line 3)"),
         (BASE.replace("[bpda]", "\n  - name: bpda\n    set: {steps: 2, steps: 3}"), 5, "duplicate key 'steps'"),
         (BASE + "data_seed: -1\n", 5, "data_seed must be one integer in 0..4294967295"),
-        (BASE + "data_seeds: [0, 1]\n", 5, "'data_seeds' is not supported"),
+        (BASE + "data_seeds: [0, 0]\n", 5, "data_seeds lists a seed twice"),
+        (BASE + "data_seeds: [0, -2]\n", 5, "data_seeds must be integers in 0..4294967295 (got -2)"),
+        (BASE + "data_seed: 0\ndata_seeds: [1]\n", 5, "give 'data_seeds' or 'data_seed', not both"),
         (BASE + "# caf\xe9\n", 5, "not UTF-8 text"),
     ],
 )

@@ -7,27 +7,28 @@ def cmd_grid(args) -> int:
     """``harness grid``: plan the grid file's cells against the store and run them (or, with --dry-run, list the plan);
     returns 1 if a cell failed, else 0.
     """
-    from harness.scheduler import load_grid, plan, run_grid
+    from harness.core.registry import HarnessError
+    from harness.scheduler import GridSummary, load_grid, plan, run_grid
+    from harness.scheduler.cells import iter_plan
     from harness.store import Store, resolve_url
     from harness.store.store import display_url, open_existing
 
     spec = load_grid(args.file)
+    if args.calibrate and not args.dry_run:
+        raise HarnessError("--calibrate goes with --dry-run")
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else ["cpu"]
+    data = f"x {len(spec.data_seeds)} data seeds " if len(spec.data_seeds) > 1 else ""
     print(f"grid {spec.name}: {len(spec.defenses)} defenses x {len(spec.threats)} threats x {len(spec.datasets)} datasets "
-          f"x {max(1, len(spec.classifiers))} classifiers x {len(spec.seeds)} seeds -> {display_url(resolve_url(args.db))}")
+          f"x {max(1, len(spec.classifiers))} classifiers {data}x {len(spec.seeds)} seeds -> {display_url(resolve_url(args.db))}")
     # planning only reads the store (when there is one): a mistake in the grid creates or changes nothing
     reader = open_existing(args.db)
-    cells = plan(spec, reader, force=args.force)
-    summary = run_grid(
-        spec, reader if args.dry_run else Store(args.db), executor=args.executor, devices=devices, address=args.address,
-        ray_cpus=args.ray_cpus, threads=args.threads, force=args.force, dry_run=args.dry_run, cells=cells,
-    )
-    if args.calibrate and not args.dry_run:
-        from harness.core.registry import HarnessError
-
-        raise HarnessError("--calibrate goes with --dry-run")
-    if args.dry_run:
-        print_dry_run(summary.cells, devices[0] if args.calibrate else None)
+    if args.dry_run:  # each cell printed as it is planned, its resolved job dropped after
+        summary = GridSummary(print_dry_run(iter_plan(spec, reader, force=args.force, with_jobs=True),
+                                            devices[0] if args.calibrate else None))
+    else:
+        cells = plan(spec, reader, force=args.force, with_jobs=False)
+        summary = run_grid(spec, Store(args.db), executor=args.executor, devices=devices, address=args.address,
+                           ray_cpus=args.ray_cpus, threads=args.threads, force=args.force, cells=cells)
     counts = summary.counts()
     print("summary: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return 1 if counts.get("failed") else 0
@@ -41,8 +42,17 @@ def _calibration_key(job) -> str:
                   job.spec.max_forward, len(job.subset.y)])
 
 
-def print_dry_run(cells, calibrate_on: str | None) -> None:
+def budget(job) -> str:
+    """`` (linf eps=0.2, t*=0.1)``: a planned job's norm and budget, and its defense's t* when it has one ('' without a job)."""
+    if job is None:
+        return ""
+    t_star = getattr(getattr(job.defense, "config", None), "t_star", None)
+    return f"  ({job.spec.norm} eps={job.spec.eps:.4g}" + (f", t*={t_star:g}" if isinstance(t_star, (int, float)) else "") + ")"
+
+
+def print_dry_run(cells, calibrate_on: str | None) -> list:
     """Every cell's state and, for the cells that would run, their network evaluations; the totals.
+    ``cells``: any iterable of planned cells with their jobs; returns them without their jobs.
 
     ``calibrate_on``: a device on which a few network calls per distinct (defense,
     classifier, dataset, paths) are timed, to estimate each cell's network time and the
@@ -55,10 +65,12 @@ def print_dry_run(cells, calibrate_on: str | None) -> None:
     missing = {"cells": 0, "purifier_nfe_images": 0, "classifier_images": 0}
     bounded = False
     cache: dict[str, object] = {}
+    kept = []
     for c in cells:
+        kept.append(c.light())
         state = {"pending": "run", "done": "done", "skipped": "skip", "duplicate": "dup"}.get(c.state, c.state)
         extra = f"  ({c.reason})" if c.reason else ""
-        print(f"  {state:<5} {c.job_id[:12]}  {c.label()}{extra}")
+        print(f"  {state:<5} {c.job_id[:12]}  {c.label()}{budget(c.job or c.estimate)}{extra}")
         if c.state == "skipped" and c.estimate is not None:  # a missing file: what the cell costs once it is there
             cost = estimate_nfe(c.estimate)
             for k in ("purifier_nfe_images", "classifier_images"):
@@ -94,6 +106,7 @@ def print_dry_run(cells, calibrate_on: str | None) -> None:
         print(f"skipped for missing files: {missing['cells']} cells, {bound}{missing['purifier_nfe_images']} purifier "
               f"NFE-images, {bound}{missing['classifier_images']} classifier images once the files are there"
               + ("; not calibrated (no network to time)" if calibrate_on is not None else ""))
+    return kept
 
 
 def add_parser(sub) -> None:

@@ -106,6 +106,7 @@ class ResolvedJob:
             "threat": self.spec.name,
             "threat_spec": self.spec.to_dict(),
             "dataset": self.cfg.dataset,
+            "data_seed": self.cfg.data_seed,
             "classifier": self.classifier.name,
             "n_examples": int(len(self.subset.y)),
             "gradient_path": self.path.value,

@@ -20,9 +20,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass
+from typing import Iterator
 
 from harness.core.registry import HarnessError, MissingFileError
 from harness.evaluation import IncompatibleError, ResolvedJob, RunConfig, resolve
+from harness.evaluation.batch import adv_cache_key
 from harness.evaluation.resolve import plan_without_files, sharing_networks
 from harness.scheduler.gridfile import GridError, GridSpec
 from harness.store import Store, dumps
@@ -46,16 +48,25 @@ class Cell:
     #: a cell skipped for a missing file: a stand-in job without data, classifier or weights, for its cost
     #: (:func:`harness.evaluation.resolve.plan_without_files`); None otherwise
     estimate: ResolvedJob | None = None
+    #: the key of the defense-independent adversarial examples its first batch would reuse
+    #: (:func:`harness.evaluation.batch.adv_cache_key`), None when it has none
+    adv_key: str | None = None
+    #: whether the grid lists several data seeds (then the label names the cell's)
+    several_data_seeds: bool = False
 
     def label(self) -> str:
         c = self.cfg
         extra = f" [{', '.join(f'{k}={v}' for k, v in self.axis_overrides)}]" if self.axis_overrides else ""
-        return f"{c.defense} x {c.threat} x {c.dataset} x {c.classifier or 'default'} x seed {c.seed}{extra}"
+        data = f" x data_seed {c.data_seed}" if self.several_data_seeds else ""
+        return f"{c.defense} x {c.threat} x {c.dataset} x {c.classifier or 'default'}{data} x seed {c.seed}{extra}"
+
+    def light(self) -> Cell:
+        """This cell without its resolved job (what a grid keeps of each cell: no network, no data)."""
+        return dataclasses.replace(self, job=None, estimate=None)
 
 
-def _expand(spec: GridSpec) -> list[tuple[RunConfig, tuple[str, ...]]]:
-    """Every cell's RunConfig, with where in the file each of its overrides was written."""
-    cells = []
+def _expand(spec: GridSpec) -> Iterator[tuple[RunConfig, tuple[str, ...]]]:
+    """Every cell's RunConfig, with where in the file each of its overrides was written (lazily, in grid order)."""
     for ds in spec.datasets:
         clfs = [c for c in spec.classifiers if c.datasets is None or ds.name in c.datasets] if spec.classifiers else [None]
         if spec.classifiers and not clfs:
@@ -69,18 +80,17 @@ def _expand(spec: GridSpec) -> list[tuple[RunConfig, tuple[str, ...]]]:
                 for t in spec.threats:
                     if d.threats is not None and t.name not in d.threats:
                         continue
-                    for seed in spec.seeds:
-                        over = spec.overrides + ds.overrides + (clf.overrides if clf else ()) + d.overrides + t.overrides
-                        where = spec.set_where + ds.set_where + (clf.set_where if clf else ()) + d.set_where + t.set_where
-                        cfg = RunConfig(
-                            defense=d.name, threat=t.name, dataset=ds.name,
-                            classifier=clf.name if clf else None, weights=clf.weights if clf else None,
-                            model_dir=clf.model_dir if clf else None, data_dir=ds.data_dir,
-                            n_examples=t.n_examples or ds.n_examples or spec.n_examples, seed=seed, data_seed=spec.data_seed,
-                            overrides=over, plugins=spec.plugins,
-                        )
-                        cells.append((cfg, where))
-    return cells
+                    over = spec.overrides + ds.overrides + (clf.overrides if clf else ()) + d.overrides + t.overrides
+                    where = spec.set_where + ds.set_where + (clf.set_where if clf else ()) + d.set_where + t.set_where
+                    for data_seed in spec.data_seeds:
+                        for seed in spec.seeds:
+                            yield RunConfig(
+                                defense=d.name, threat=t.name, dataset=ds.name,
+                                classifier=clf.name if clf else None, weights=clf.weights if clf else None,
+                                model_dir=clf.model_dir if clf else None, data_dir=ds.data_dir,
+                                n_examples=t.n_examples or ds.n_examples or spec.n_examples, seed=seed, data_seed=data_seed,
+                                overrides=over, plugins=spec.plugins,
+                            ), where
 
 
 def expand(spec: GridSpec) -> list[RunConfig]:
@@ -156,12 +166,13 @@ def cell_key(cfg: RunConfig) -> str:
     return "skip-" + hashlib.sha256(dumps(dataclasses.asdict(cfg)).encode()).hexdigest()[:59]
 
 
-def _plan_cell(spec: GridSpec, store: Store | None, cfg: RunConfig, origins: tuple[str, ...], force: bool) -> Cell:
-    """Resolve one cell (on the CPU) and mark it pending, skipped or done."""
-    cell = Cell(cfg=cfg, axis_overrides=cfg.overrides[len(spec.overrides):])
+def _plan_cell(spec: GridSpec, done: set[str], cfg: RunConfig, origins: tuple[str, ...], force: bool) -> Cell:
+    """Resolve one cell (on the CPU) and mark it pending, skipped or done (``done``: the store's finished job ids)."""
+    cell = Cell(cfg=cfg, axis_overrides=cfg.overrides[len(spec.overrides):], several_data_seeds=len(spec.data_seeds) > 1)
     try:
         cell.job = resolve(dataclasses.replace(cfg, device="cpu"))
         cell.job_id = cell.job.job_id
+        cell.adv_key = adv_cache_key(cell.job, 0)
     except SKIPPED_ERRORS as exc:
         cell.state, cell.reason, cell.job_id = "skipped", str(exc), cell_key(cfg)
         if isinstance(exc, MissingFileError):
@@ -171,31 +182,45 @@ def _plan_cell(spec: GridSpec, store: Store | None, cfg: RunConfig, origins: tup
                 cell.estimate = None  # the cost needs what is missing (e.g. a checkpoint's own architecture)
     except HarnessError as exc:
         raise GridError(f"{_culprit(cfg, origins, str(exc)) or spec.path}: {exc} (cell {cell.label()})") from None
-    if cell.state == "pending" and store is not None:
-        row = store.get_job(cell.job_id)
-        if row is not None and row.status == "done" and not force:
-            cell.state = "done"
+    if cell.state == "pending" and cell.job_id in done and not force:
+        cell.state = "done"
     return cell
 
 
-def plan(spec: GridSpec, store: Store | None, *, force: bool = False) -> list[Cell]:
-    """Resolve every cell (on the CPU), mark done / skipped / pending.
+def iter_plan(spec: GridSpec, store: Store | None, *, force: bool = False, with_jobs: bool = False) -> Iterator[Cell]:
+    """Resolve the cells one at a time (on the CPU) and yield each marked done / skipped / pending / duplicate.
+
+    Lazy: a cell's resolved job (its networks and data) lives only while the cell is
+    planned, and the cell is yielded without it (:meth:`Cell.light`) unless ``with_jobs``
+    (a dry run prints each cell's cost from it, then drops it). Networks are built once
+    per distinct network for the whole plan (:func:`sharing_networks`) and released when
+    it ends, so a grid of 100,000 cells holds no more networks than a grid of 10, and per
+    cell only its configuration, id and state. ``store`` None plans against an empty
+    store. Identical cells listed twice (e.g. a default classifier named explicitly) run
+    once: the later ones are ``duplicate``.
+
+    Raises:
+        GridError: a mistake in the grid (see the module docstring), when the cell that shows it is reached.
+    """
+    check_names(spec)
+    done = store.job_ids(status="done") if store is not None else set()  # one query, not one per cell
+    first: dict[str, str] = {}  # job id -> the label of the first pending cell with it
+    with sharing_networks():  # one copy of each network for all cells
+        for cfg, origins in _expand(spec):
+            c = _plan_cell(spec, done, cfg, origins, force)
+            if c.state == "pending" and c.job_id in first:
+                c.state, c.reason = "duplicate", f"same job as {first[c.job_id]}"
+            elif c.state == "pending":
+                first[c.job_id] = c.label()
+            yield c if with_jobs else c.light()
+
+
+def plan(spec: GridSpec, store: Store | None, *, force: bool = False, with_jobs: bool = True) -> list[Cell]:
+    """Every cell of :func:`iter_plan`, as a list (with their resolved jobs unless ``with_jobs`` is False).
 
     ``store`` None plans against an empty store (a dry run on a store that does not exist).
 
     Raises:
         GridError: a mistake in the grid (see the module docstring), before anything runs.
     """
-    check_names(spec)
-    cells = []
-    with sharing_networks():  # one copy of each network for all cells (the parent only keeps their bookkeeping)
-        for cfg, origins in _expand(spec):
-            cells.append(_plan_cell(spec, store, cfg, origins, force))
-    # identical cells listed twice (e.g. a default classifier named explicitly) run once
-    seen: dict[str, Cell] = {}
-    for c in cells:
-        if c.state == "pending" and c.job_id in seen:
-            c.state, c.reason = "duplicate", f"same job as {seen[c.job_id].label()}"
-        elif c.state == "pending":
-            seen[c.job_id] = c
-    return cells
+    return list(iter_plan(spec, store, force=force, with_jobs=with_jobs))

@@ -103,8 +103,14 @@ class LocalExecutor:
         self.devices = devices
         self.threads = threads
 
-    def run(self, tasks_in: list[Task], store_url: str, on_event) -> None:
-        """Run every task; ``on_event(kind, job_id, batch, payload)`` gets each result in the parent."""
+    def run(self, tasks_in: list[Task], store_url: str, on_event, start=None) -> None:
+        """Run every task; ``on_event(kind, job_id, batch, payload)`` gets each result in the parent.
+
+        ``start(task) -> task``: called just before a task is queued (the grid resolves its job and marks it
+        running there); tasks are queued a few per worker at a time, so a grid of many cells keeps only the
+        jobs in flight.
+        """
+        import collections
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")  # CUDA-safe, and no inherited sqlite connections
@@ -114,18 +120,23 @@ class LocalExecutor:
         for p in procs:
             p.start()
         ready, held = split_held(tasks_in)
-        pending, closed = len(tasks_in), False
+        waiting = collections.deque(ready)
+        window = 2 * len(procs)  # queued or running: enough that no worker waits for the parent
+        pending, queued, closed = len(tasks_in), 0, False
 
-        def submit(ts: list[Task]) -> None:
-            nonlocal closed
-            for t in ts:
+        def feed() -> None:
+            nonlocal closed, queued
+            while waiting and queued < window:
+                t = waiting.popleft()
+                t = start(t) if start is not None else t
                 tasks.put((t.job_id, t.cfg, list(t.skip)))
-            if not held and not closed:  # nothing held back: each worker ends after the queue
+                queued += 1
+            if not waiting and not held and not closed:  # nothing more to come: each worker ends after the queue
                 for _ in procs:
                     tasks.put(None)
                 closed = True
 
-        submit(ready)
+        feed()
         try:
             while pending:
                 try:
@@ -137,7 +148,9 @@ class LocalExecutor:
                 on_event(kind, job_id, b, payload)
                 if kind in ("done", "error"):
                     pending -= 1
-                    submit(held.pop(job_id, []))
+                    queued -= 1
+                    waiting.extend(held.pop(job_id, []))
+                    feed()
         finally:
             for p in procs:
                 if p.is_alive():
@@ -147,6 +160,8 @@ class LocalExecutor:
 
 #: Times a Ray job is resubmitted after its task was lost to a system failure (a node or worker that died).
 RAY_RESUBMITS = 3
+#: Ray tasks submitted at a time (queued in the cluster or running): the driver keeps only these jobs.
+RAY_IN_FLIGHT = 256
 
 
 def plugin_sources(tasks: list[Task]) -> dict[str, bytes]:
@@ -201,8 +216,14 @@ class RayExecutor:
     def __init__(self, address: str | None, gpus_per_job: float, num_cpus: int | None = None, threads: int | None = None):
         self.address, self.gpus_per_job, self.num_cpus, self.threads = address, gpus_per_job, num_cpus, threads
 
-    def run(self, tasks_in: list[Task], store_url: str, on_event) -> None:
-        """Run every task as a Ray task; ``on_event`` gets each streamed batch on the driver."""
+    def run(self, tasks_in: list[Task], store_url: str, on_event, start=None) -> None:
+        """Run every task as a Ray task; ``on_event`` gets each streamed batch on the driver.
+
+        ``start(task) -> task``: called just before a task is first submitted (see :meth:`LocalExecutor.run`);
+        at most :data:`RAY_IN_FLIGHT` tasks are submitted at a time.
+        """
+        import collections
+
         try:
             import ray
         except ImportError:
@@ -238,6 +259,12 @@ class RayExecutor:
             nodes: dict[str, list[str]] = {t.job_id: [] for t in tasks_in}
             lost: dict[str, int] = {}
             ready, held = split_held(tasks_in)
+            waiting = collections.deque(ready)
+
+            def feed() -> None:
+                while waiting and len(gens) < RAY_IN_FLIGHT:
+                    t = waiting.popleft()
+                    submit([start(t) if start is not None else t])
 
             def submit(ts: list[Task]) -> None:
                 for t in ts:
@@ -249,9 +276,10 @@ class RayExecutor:
             def ended(gen, kind: str, payload: Any) -> None:
                 t = gens.pop(gen)
                 on_event(kind, t.job_id, None, payload)
-                submit(held.pop(t.job_id, []))
+                waiting.extend(held.pop(t.job_id, []))
+                feed()
 
-            submit(ready)
+            feed()
             while gens:
                 if reaper is not None:
                     reaper.track()  # task workers start as tasks are scheduled

@@ -5,7 +5,7 @@ A grid file::
     name: smoke
     n_examples: 32                 # default for every cell (a dataset entry may override)
     seeds: [0]                     # attack/purification seeds (one cell each)
-    data_seed: 0
+    data_seed: 0                   # which evaluation subset; or data_seeds: [0, 1, 2] (one cell each)
     set: {batch_size: 32}          # overrides applied to every cell (threat or defense keys)
     plugins: [path/to/my_defense.py]
     defenses:
@@ -32,7 +32,7 @@ A grid file::
         weights: /models/resnet20-12fca82f.th
         datasets: [cifar10]
 
-The cells are the product defenses x threats x datasets x classifiers x seeds. A mistake
+The cells are the product defenses x threats x datasets x classifiers x data seeds x seeds. A mistake
 in the file (a key or name that does not exist, a duplicated key, an invalid ``set``
 value, a missing plugin file, bytes that are not UTF-8) stops the grid before any job
 runs, with one line naming the file, the line and the key. A valid cell that cannot run
@@ -54,11 +54,10 @@ from harness.core.registry import HarnessError, suggest
 from harness.data import MAX_DATA_SEED
 
 TOP_KEYS = {
-    "name", "n_examples", "seeds", "seed", "data_seed", "set", "plugins", "defenses", "threats", "datasets", "classifiers",
+    "name", "n_examples", "seeds", "seed", "data_seed", "data_seeds", "set", "plugins", "defenses", "threats", "datasets", "classifiers",
 }
 #: Keys a grid file might plausibly hold that the harness does not read: an error, never silence.
 UNSUPPORTED_KEYS = {
-    "data_seeds": "one data_seed per grid file (run a second file for another subset)",
     "device": "devices are chosen on the command line: harness grid FILE --devices cuda:0,cuda:1",
 }
 AXIS_KEYS = {
@@ -145,13 +144,15 @@ class GridSpec:
     datasets: tuple[AxisEntry, ...]
     classifiers: tuple[AxisEntry, ...] = ()
     seeds: tuple[int, ...] = (0,)
-    data_seed: int = 0
+    data_seed: int = 0  # the first of data_seeds
     n_examples: int | None = None
     overrides: tuple[tuple[str, str], ...] = ()
     plugins: tuple[str, ...] = ()
     path: str = ""
     set_where: tuple[str, ...] = ()
     plugins_where: tuple[str, ...] = ()
+    #: which evaluation subsets (``data_seeds: [0, 1, 2]``; a single ``data_seed`` is one of them)
+    data_seeds: tuple[int, ...] = (0,)
 
 
 def _where(path: str, m: Any, key: Any = None) -> str:
@@ -259,9 +260,20 @@ def load_grid(path: str | Path) -> GridSpec:
     if "seeds" in doc and "seed" in doc:
         raise GridError(f"{_where(sp, doc, 'seed')}: give 'seeds' or 'seed', not both")
     seeds = _int_list(doc, "seeds", sp) if "seeds" in doc else (_int_list(doc, "seed", sp) if "seed" in doc else (0,))
-    data_seed = _int_list(doc, "data_seed", sp)[0] if "data_seed" in doc else 0
-    if isinstance(doc.get("data_seed"), list) or not 0 <= data_seed <= MAX_DATA_SEED:
+    if "data_seeds" in doc and "data_seed" in doc:
+        raise GridError(f"{_where(sp, doc, 'data_seed')}: give 'data_seeds' or 'data_seed', not both")
+    data_key = "data_seeds" if "data_seeds" in doc else "data_seed"
+    data_seeds = _int_list(doc, data_key, sp) if data_key in doc else (0,)
+    if data_key == "data_seed" and isinstance(doc.get("data_seed"), list):
+        raise GridError(f"{_where(sp, doc, 'data_seed')}: data_seed must be one integer in 0..{MAX_DATA_SEED} "
+                        "(several subsets: data_seeds: [0, 1, 2])")
+    bad = [d for d in data_seeds if not 0 <= d <= MAX_DATA_SEED]
+    if bad and data_key == "data_seed":
         raise GridError(f"{_where(sp, doc, 'data_seed')}: data_seed must be one integer in 0..{MAX_DATA_SEED}")
+    if bad:
+        raise GridError(f"{_where(sp, doc, data_key)}: {data_key} must be integers in 0..{MAX_DATA_SEED} (got {bad[0]})")
+    if len(set(data_seeds)) != len(data_seeds):
+        raise GridError(f"{_where(sp, doc, data_key)}: {data_key} lists a seed twice")
     n = doc.get("n_examples")
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
         raise GridError(f"{_where(sp, doc, 'n_examples')}: n_examples must be a positive integer")
@@ -279,7 +291,8 @@ def load_grid(path: str | Path) -> GridSpec:
         datasets=_axis(doc, "datasets", sp, True),
         classifiers=_axis(doc, "classifiers", sp, False),
         seeds=seeds,
-        data_seed=data_seed,
+        data_seed=data_seeds[0],
+        data_seeds=data_seeds,
         n_examples=n,
         overrides=overrides,
         plugins=plugins,

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness.core.registry import HarnessError, suggest
-from harness.evaluation import JobWriter
-from harness.evaluation.batch import adv_cache_key
+from harness.evaluation import JobWriter, resolve
+from harness.evaluation.resolve import sharing_networks
 from harness.evaluation.lifecycle import freeze_gc
 from harness.scheduler.cells import Cell, plan
 from harness.scheduler.executors import LocalExecutor, RayExecutor, Task
@@ -56,10 +56,13 @@ def _leaders(todo: list[Cell], store: Store) -> list[str | None]:
     however many workers there are. Already cached examples need no leader.
     """
     first: dict[str, str] = {}
+    cached: dict[str, bool] = {}
     out: list[str | None] = []
     for c in todo:
-        key = adv_cache_key(c.job, 0)
-        if key is None or store.get_adv(key) is not None:
+        key = c.adv_key
+        if key is not None and key not in cached:
+            cached[key] = store.get_adv(key) is not None
+        if key is None or cached[key]:
             out.append(None)
             continue
         out.append(first.get(key))
@@ -82,7 +85,7 @@ def run_grid(
     spec: GridSpec,
     store: Store | None,
     *,
-    executor: str = "local",
+    executor: str | Any = "local",
     devices: list[str] | None = None,
     address: str | None = None,
     ray_cpus: int | None = None,
@@ -97,21 +100,32 @@ def run_grid(
     A mistake in the grid raises GridError before anything runs or is stored. ``cells``:
     the cells :func:`~harness.scheduler.cells.plan` already gave (planned against a
     read-only view of the store, say). ``dry_run`` only plans (``store`` may then be None).
+    ``executor``: ``local``, ``ray``, or an object with the executors' ``run`` method.
+
+    The parent keeps no resolved job per cell: each pending job is resolved again (on the
+    CPU, its networks shared with the other jobs in flight) when it is handed to a worker,
+    and dropped when it has finished, so the parent's memory does not grow with the grid.
     """
-    cells = plan(spec, store, force=force) if cells is None else cells
+    cells = [c.light() for c in cells] if cells is not None else plan(spec, store, force=force, with_jobs=False)
     summary = GridSummary(cells)
     if dry_run:
         return summary
     if store is None:
         raise HarnessError("run_grid needs a store unless dry_run")
-    run = _executor(executor, devices, address, ray_cpus, threads)
-    freeze_gc()  # the planned cells' resolved jobs live until the grid ends
+    run = _executor(executor, devices, address, ray_cpus, threads) if isinstance(executor, str) else executor
+    freeze_gc()
     _record_skips(cells, store, log)
     todo = [c for c in cells if c.state == "pending"]
-    writers = {c.job_id: JobWriter(store, c.job, force=force) for c in todo}
     by_id = {c.job_id: c for c in todo}
+    writers: dict[str, JobWriter] = {}  # the jobs in flight only
     leaders = _leaders(todo, store)
-    tasks = [Task(c.job_id, c.cfg, tuple(sorted(writers[c.job_id].begin())), after=lead) for c, lead in zip(todo, leaders, strict=True)]
+    tasks = [Task(c.job_id, c.cfg, after=lead) for c, lead in zip(todo, leaders, strict=True)]
+
+    def start(t: Task) -> Task:
+        """Just before a task is handed to a worker: resolve its job here, mark it running, skip its stored batches."""
+        job = resolve(dataclasses.replace(by_id[t.job_id].cfg, device="cpu"))
+        writers[t.job_id] = writer = JobWriter(store, job, force=force)
+        return dataclasses.replace(t, skip=tuple(sorted(writer.begin())))
 
     def on_event(kind: str, job_id: str, b: int | None, payload: Any) -> None:
         cell, writer = by_id[job_id], writers[job_id]
@@ -124,6 +138,7 @@ def run_grid(
         if kind == "lost":  # a Ray task lost with its node; it runs again elsewhere
             log(f"  lost    {cell.label()}: {payload}")
             return
+        del writers[job_id]  # done or failed: the job leaves the parent's memory
         if kind == "done":
             try:
                 writer.finish()
@@ -138,5 +153,6 @@ def run_grid(
         log(f"  FAILED  {cell.label()}: {str(payload).splitlines()[0]}")
 
     if tasks:
-        run.run(tasks, store.url, on_event)
+        with sharing_networks():  # jobs in flight in the parent share their networks (it never runs them)
+            run.run(tasks, store.url, on_event, start=start)
     return summary

@@ -581,6 +581,13 @@ class Store:
             return self._filled(list(s.scalars(q)))
 
     @_reads
+    def job_ids(self, status: str | None = None) -> set[str]:
+        """The ids of every job (of ``status``), in one query."""
+        with self.session() as s:
+            q = select(Job.id) if status is None else select(Job.id).where(Job.status == status)
+            return set(s.scalars(q))
+
+    @_reads
     def results_table(self, status: str | None = "done") -> list[dict[str, Any]]:
         """One flat dict per job with its headline metrics (for ``harness results``)."""
         out = []
