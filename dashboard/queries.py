@@ -43,7 +43,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from harness.evaluation.flags import format_flags
-from harness.evaluation.stats import wilson_interval
+from harness.evaluation.stats import over_seeds, setting_key, wilson_interval
 from harness.store import resolve_url
 from harness.store.check import shift_label
 from harness.store.codec import decode_images
@@ -67,8 +67,10 @@ JOB_COLUMNS = [
     "gradient_path", "eot_samples", "eval_draws", "stochastic", "adaptive", "finished_at",
     "total_s", "per_example_s", "classifier_images", "purifier_nfe_images",
     "clean", "clean_lo", "clean_hi", "clean_n", "robust", "robust_lo", "robust_hi", "robust_n", "shift", "trained_on", "flags",
-    "beside",
+    "data_seed", "setting", "beside",
 ]
+#: What load_jobs selects: JOB_COLUMNS up to data_seed, then the two configuration parts ``setting`` is derived from.
+_SELECTED = JOB_COLUMNS[:JOB_COLUMNS.index("setting")] + ["defense_config", "threat_spec"]
 
 EMPTY_HELP = """\
 **No finished jobs in `{db}` yet.** Produce results with the harness, then reload this page:
@@ -179,6 +181,7 @@ def load_jobs(engine: Engine, rule: str = "headline") -> pd.DataFrame:
             c.c.value, c.c.lower, c.c.upper, c.c.n, r.c.value, r.c.lower, r.c.upper, r.c.n,
             j.c.config["shift"], j.c.config[("defense_config", "trained_on")].as_string(),
             j.c.flags if "flags" in _columns(engine, "jobs") else literal(None),  # a store older than flags lacks the column
+            j.c.config["data_seed"].as_string(), j.c.config["defense_config"], j.c.config["threat_spec"],
         )
         .select_from(
             j.outerjoin(c, and_(c.c.job_id == j.c.id, c.c.name == clean_name)).outerjoin(
@@ -190,7 +193,7 @@ def load_jobs(engine: Engine, rule: str = "headline") -> pd.DataFrame:
         rows = [tuple(r) for r in conn.execute(stmt)]  # plain tuples: pandas probes Row attributes slowly
     if not rows:
         return empty_jobs()
-    df = pd.DataFrame.from_records(rows, columns=JOB_COLUMNS[:-1])  # "beside" is derived below
+    df = pd.DataFrame.from_records(rows, columns=_SELECTED)  # "setting" and "beside" are derived below
     for col in ("eps", "total_s", "per_example_s", "classifier_images", "purifier_nfe_images",
                 "clean", "clean_lo", "clean_hi", "robust", "robust_lo", "robust_hi"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
@@ -206,6 +209,9 @@ def load_jobs(engine: Engine, rule: str = "headline") -> pd.DataFrame:
     df["flags"] = [format_flags(f) for f in df["flags"]]  # "not_converged,zero_gradients", "" none, "?" stored before flags
     df["beside"] = df["threat"].isin(BESIDE_THREATS) | (df["shift"] != "none") | (
         df["trained_on"].notna() & (df["trained_on"] != df["dataset"]))
+    df["data_seed"] = pd.to_numeric(df["data_seed"], errors="coerce").astype("Int64")  # NaN: stored before it was recorded
+    setting = [setting_key(dc, ts) for dc, ts in zip(df.pop("defense_config"), df.pop("threat_spec"))]
+    df.insert(df.columns.get_loc("beside"), "setting", setting)
     return df
 
 
@@ -274,7 +280,7 @@ def mixed_budgets(jobs: pd.DataFrame) -> dict[str, list[str]]:
 # --------------------------------------------------------------------------- leaderboard
 _CELL = {"robust": "", "robust_lo": ":lo", "robust_hi": ":hi", "robust_n": ":n", "gradient_path": ":path",
          "eot_samples": ":eot", "eval_draws": ":draws", "adaptive": ":adaptive", "jobs": ":jobs", "job_id": ":job",
-         "flags": ":flags"}
+         "flags": ":flags", "seeds_mean": ":mean", "seeds_sd": ":sd", "seeds_n": ":seeds"}
 
 
 _SLIM = KEY + ["threat", "status", "reason", "job_id", "finished_at", "gradient_path", "eot_samples", "eval_draws", "adaptive",
@@ -286,17 +292,22 @@ def leaderboard(jobs: pd.DataFrame) -> pd.DataFrame:
 
     Columns: defense, classifier, dataset; ``clean``, ``clean:lo``, ``clean:hi``,
     ``clean:n``, ``clean:job``; per threat ``robust:<t>`` with ``:lo :hi :n :path :eot
-    :draws :adaptive :jobs :job :flags :note`` (note: why a cell is empty: skipped/failed; flags: the cell's
-    job's flag names, harness.evaluation.flags); ``worst`` with ``:lo :hi :n :threat :path :eot :draws :job
+    :draws :adaptive :jobs :job :flags :note :mean :sd :seeds`` (note: why a cell is empty: skipped/failed; flags:
+    the cell's job's flag names, harness.evaluation.flags; mean, sd, seeds: the mean, sample sd and number of the
+    finished jobs of the cell's job's setting over attack and data seeds, harness.evaluation.stats.over_seeds);
+    ``worst`` with ``:lo :hi :n :threat :path :eot :draws :job
     :flags``; ``adaptive_evaluated``,
     ``non_adaptive_only``, ``threats_run``, ``n_jobs``.
     """
     if "beside" in jobs:
         jobs = jobs[~jobs["beside"].astype(bool)]  # shifts and transfers are shown beside the board, not in it
     threats = threat_order(jobs["threat"].unique()) if len(jobs) else []
+    spread = over_seeds(jobs) if len(jobs) else None  # mean and sd over the seeds of each cell's setting
     slim = jobs[[c for c in _SLIM if c in jobs]]
     if "flags" not in slim:
         slim = slim.assign(flags="")
+    slim = slim.assign(**{c: (spread[c].reindex(slim.index) if spread is not None else np.nan)
+                          for c in ("seeds_mean", "seeds_sd", "seeds_n")})
     out = slim[KEY].drop_duplicates().set_index(KEY)
     is_done = slim["status"] == "done"
     done = slim[is_done & slim["robust"].notna()]
@@ -391,6 +402,13 @@ def _col(lb: pd.DataFrame, name: str) -> list:
     return lb[name].tolist() if name in lb else [None] * len(lb)
 
 
+def fmt_seeds(mean, sd, n) -> str:
+    """`` · over 3 seeds 20.1 ± 1.5`` (mean ± sample sd in %) when a cell's setting ran with several seeds, else ''."""
+    if n is None or pd.isna(n) or int(n) < 2 or mean is None or pd.isna(mean):
+        return ""
+    return f" · over {int(n)} seeds {_pct(mean)} ± {_pct(sd)}"
+
+
 def flag_mark(flags) -> str:
     """`` 🚩 not_converged,zero_gradients`` for a cell whose job is flagged ('' when none; ``non_adaptive_only``
     is what ``†`` already says, and '?' marks a job stored before flags existed, which is not flagged).
@@ -437,10 +455,10 @@ def display_table(lb: pd.DataFrame) -> pd.DataFrame:
     for t in threats:
         p = f"robust:{t}"
         cells = []
-        for acc, lo, hi, n, path, eot, draws, ad, k, note, fl in zip(
+        for acc, lo, hi, n, path, eot, draws, ad, k, note, fl, mean, sd, ns in zip(
             _col(lb, p), _col(lb, p + ":lo"), _col(lb, p + ":hi"), _col(lb, p + ":n"), _col(lb, p + ":path"),
             _col(lb, p + ":eot"), _col(lb, p + ":draws"), _col(lb, p + ":adaptive"), _col(lb, p + ":jobs"), _col(lb, p + ":note"),
-            _col(lb, p + ":flags"),
+            _col(lb, p + ":flags"), _col(lb, p + ":mean"), _col(lb, p + ":sd"), _col(lb, p + ":seeds"),
         ):
             if acc is None or pd.isna(acc):
                 cells.append(note if isinstance(note, str) and note else "–")
@@ -450,7 +468,7 @@ def display_table(lb: pd.DataFrame) -> pd.DataFrame:
                 s += " †"
             if k is not None and not pd.isna(k) and int(k) > 1:
                 s += f" (min of {int(k)} jobs)"
-            cells.append(s + flag_mark(fl))
+            cells.append(s + flag_mark(fl) + fmt_seeds(mean, sd, ns))
         out[f"Robust: {t}"] = cells
     out["Evaluated by"] = [
         ("⚠ non-adaptive only: " + tr) if nao else tr for tr, nao in zip(_col(lb, "threats_run"), _col(lb, "non_adaptive_only"))
@@ -712,23 +730,13 @@ def transfer_pivot(tm: pd.DataFrame, metric: str = "robust") -> pd.DataFrame:
 def compare_jobs(engine: Engine, job_a: str, job_b: str) -> dict[str, Any]:
     """Paired comparison of two finished jobs on the examples they share (same dataset index), under each job's
     headline rule: ``n_shared`` and, for ``robust`` and ``clean``, :func:`harness.evaluation.stats.paired_comparison`
-    (the 2x2 table, both accuracies, the Newcombe interval of B - A, the exact McNemar p-value). ``n_shared`` 0
-    when they share no example.
+    (the 2x2 table, both accuracies, the Newcombe interval of B - A, the exact McNemar p-value); ``n_shared`` 0
+    when they share no example. The same code as ``harness compare`` (:func:`harness.store.paired.compare_stored`).
     """
-    from harness.evaluation.stats import paired_jobs
+    from harness.store.paired import compare_stored
 
-    j, e = Job.__table__, ExampleRow.__table__
-    with engine.connect() as conn:
-        both = [job_a, job_b]
-        specs = {r.id: (r.config or {}).get("threat_spec", {})
-                 for r in conn.execute(select(j.c.id, j.c.config).where(j.c.id.in_(both)))}
-        rows = conn.execute(select(e.c.job_id, e.c.dataset_index, e.c.clean_single, e.c.clean_majority, e.c.clean_worst,
-                                   e.c.robust_single, e.c.robust_majority, e.c.robust_worst).where(e.c.job_id.in_(both))).all()
-    per: dict[str, dict[int, tuple]] = {job_a: {}, job_b: {}}
-    for jid, idx, *vals in rows:
-        k = ("single", "majority", "worst").index(specs.get(jid, {}).get("scoring") or "worst")
-        per[jid][int(idx)] = (bool(vals[k]), bool(vals[3 + k]))
-    return {"job_a": job_a, "job_b": job_b, **paired_jobs(per[job_a], per[job_b])}
+    out = compare_stored(engine, job_a, job_b)
+    return {"job_a": job_a, "job_b": job_b, **{k: v for k, v in out.items() if k not in ("rule_a", "rule_b")}}
 
 
 def job_detail(engine: Engine, job_id: str) -> dict[str, Any] | None:

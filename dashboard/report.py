@@ -45,7 +45,7 @@ from harness.evaluation.stats import wilson_interval
 
 #: The summary table's columns (``--format csv``), in order.
 SUMMARY_COLUMNS = [
-    "defense", "classifier", "dataset", "threat", "shift", "trained_on", "seed", "n_examples", "norm", "eps",
+    "defense", "classifier", "dataset", "threat", "shift", "trained_on", "seed", "data_seed", "setting", "n_examples", "norm", "eps",
     "clean", "clean_lo", "clean_hi", "clean_n", "robust", "robust_lo", "robust_hi", "robust_n",
     "robust_single", "robust_majority", "robust_worst", "scoring",
     "gradient_path", "eot_samples", "eval_draws", "stochastic", "adaptive", "attacks", "steps", "apgd_steps", "attack_options",
@@ -56,7 +56,7 @@ SUMMARY_COLUMNS = [
 _NUMERIC = ["eps", "clean", "clean_lo", "clean_hi", "robust", "robust_lo", "robust_hi", "robust_single", "robust_majority",
             "robust_worst", "per_example_s", "nfe_per_example", "classifier_per_example", "robust_change", "robust_change_lo",
             "robust_change_hi", "clean_change", "clean_change_lo", "clean_change_hi"]
-_INTEGER = ["seed", "n_examples", "clean_n", "robust_n", "eot_samples", "eval_draws", "steps", "apgd_steps"]
+_INTEGER = ["seed", "data_seed", "n_examples", "clean_n", "robust_n", "eot_samples", "eval_draws", "steps", "apgd_steps"]
 _BOOL = ["stochastic", "adaptive", "beside"]
 #: The accuracy table of ``harness check``: key columns (beside defense, threat, dataset, classifier) it may have.
 _CHECK_KEYS = ["shift", "trained_on", "seed", "norm", "eps", "n_examples"]
@@ -278,7 +278,8 @@ def _board(lb: pd.DataFrame, jobs: pd.DataFrame, source: Source, brief: bool) ->
             prov = q.fmt_provenance(lb.at[i, p + ":path"], lb.at[i, p + ":eot"], lb.at[i, p + ":draws"])
             if prov and not brief:
                 s += f"<br>{prov}"
-            cells.append(s + _marks(lb, p, i, source))
+            seeds = q.fmt_seeds(lb.at[i, p + ":mean"], lb.at[i, p + ":sd"], lb.at[i, p + ":seeds"])  # mean ± sd over seeds
+            cells.append(s + _marks(lb, p, i, source) + (f"<br>{seeds[3:]}" if seeds else ""))
         if cost:
             ids = [lb.at[i, f"robust:{t}:job"] for t in threats if not pd.isna(lb.at[i, f"robust:{t}"])]
             sec = jobs.set_index("job_id").loc[[j for j in ids if isinstance(j, str)], "per_example_s"] if ids else []

@@ -34,7 +34,7 @@ def cmd_results(args) -> int:
     for c in ("ssim_clean", "ssim_adv"):
         if c in show:
             show[c] = show[c].map(lambda v: "-" if v is None or v != v else f"{v:.3f}")
-    for c in ("clean", "robust", "robust_lo", "robust_hi", "robust_single", "robust_majority", "robust_worst"):
+    for c in ("clean", "robust", "robust_lo", "robust_hi", "robust_single", "robust_majority", "robust_worst", "seeds_mean", "seeds_sd"):
         if c in show:
             show[c] = show[c].map(lambda v: "-" if v is None or v != v else f"{100 * v:.1f}")
     show["eps"] = show["eps"].map(lambda v: "-" if v is None or v != v else f"{v:.4g}")

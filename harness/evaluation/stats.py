@@ -162,3 +162,39 @@ def paired_jobs(first: dict[int, tuple[bool, bool]], second: dict[int, tuple[boo
         for kind, k in (("robust", 1), ("clean", 0)):
             out[kind] = paired_comparison([first[i][k] for i in shared], [second[i][k] for i in shared])
     return out
+
+
+#: The columns that make jobs one setting measured over several seeds (attack seed and data seed differ);
+#: ``setting`` is :func:`setting_key` of the job's defense configuration and threat spec.
+SEED_GROUP = ("defense", "classifier", "dataset", "threat", "norm", "eps", "n_examples", "shift", "trained_on", "setting")
+
+
+def setting_key(defense_config, threat_spec) -> str:
+    """A short hash of what a job ran apart from its seeds: its defense configuration and resolved threat spec."""
+    import hashlib
+    import json
+
+    text = json.dumps([defense_config, threat_spec], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def over_seeds(jobs, value: str = "robust", key: tuple[str, ...] = SEED_GROUP):
+    """Per finished job, the mean, sample standard deviation (ddof 1) and number of the finished jobs of its
+    setting (``key``: the same cell measured with other attack or data seeds), as DiffPure reports
+    ``mean ± std`` over seeds.
+
+    ``jobs``: a pandas frame with ``status``, ``value`` and the ``key`` columns it has (a missing one does not
+    split). Returns a frame on the finished rows' index (``jobs``'s own) with ``seeds_mean``, ``seeds_sd``
+    (NaN for one job) and ``seeds_n``, used by ``harness results``, ``harness report`` and the dashboard alike.
+    """
+    import pandas as pd
+
+    done = jobs[(jobs["status"] == "done") & jobs[value].notna()] if len(jobs) else jobs
+    cols = ["seeds_mean", "seeds_sd", "seeds_n"]
+    if done.empty:
+        return pd.DataFrame(columns=cols, index=done.index[:0])
+    by = [k for k in key if k in done.columns]
+    keyed = done[by].astype(str)  # NaN / None / numbers alike: one spelling per value
+    g = done[value].astype("float64").groupby([keyed[k] for k in by], dropna=False)
+    return pd.DataFrame({"seeds_mean": g.transform("mean"), "seeds_sd": g.transform("std"), "seeds_n": g.transform("size")},
+                        index=done.index)

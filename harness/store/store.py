@@ -285,6 +285,9 @@ class Store:
                     cur.execute("PRAGMA query_only=ON")
                 else:
                     cur.execute("PRAGMA journal_mode=WAL")  # readers run while a writer writes
+                    # a commit reaches the OS at once (a killed process loses nothing committed) and the disk at the
+                    # next checkpoint: a power cut may lose the last batches (rerun resumes), never corrupt the file
+                    cur.execute("PRAGMA synchronous=NORMAL")
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.close()
 
@@ -617,6 +620,7 @@ class Store:
                 "eps": j.eps,
                 "n": j.n_examples,
                 "seed": j.seed,
+                "data_seed": (j.config or {}).get("data_seed"),
                 "path": j.gradient_path,
                 "eot": j.eot_samples,
                 "draws": j.eval_draws,
@@ -636,4 +640,28 @@ class Store:
             if j.reason:
                 row["reason"] = j.reason
             out.append(row)
+        self._add_seed_spread(out, jobs)
         return out
+
+    @staticmethod
+    def _add_seed_spread(rows: list[dict[str, Any]], jobs: list[Job]) -> None:
+        """Each finished row's ``seeds_mean``, ``seeds_sd``, ``seeds_n``: robust accuracy over the seeds of its setting."""
+        import pandas as pd
+
+        from harness.evaluation.stats import over_seeds, setting_key
+        from harness.store.check import shift_label, trained_on
+
+        if not rows:
+            return
+        frame = pd.DataFrame([{
+            "status": r["status"], "robust": r["robust"], "defense": j.defense, "classifier": j.classifier,
+            "dataset": j.dataset, "threat": j.threat, "norm": j.norm, "eps": j.eps, "n_examples": j.n_examples,
+            "shift": shift_label(j.config), "trained_on": trained_on(j.config),
+            "setting": setting_key((j.config or {}).get("defense_config"), (j.config or {}).get("threat_spec")),
+        } for r, j in zip(rows, jobs, strict=True)])
+        spread = over_seeds(frame)  # indexed by row number
+        for k, r in enumerate(rows):
+            got = spread.loc[k] if k in spread.index else None
+            r["seeds_mean"] = None if got is None else float(got["seeds_mean"])
+            r["seeds_sd"] = None if got is None or pd.isna(got["seeds_sd"]) else float(got["seeds_sd"])
+            r["seeds_n"] = None if got is None else int(got["seeds_n"])
