@@ -4,7 +4,8 @@ Per shared example (same dataset, same dataset index) the outcomes of both jobs 
 each job's headline scoring rule, robust and clean: the 2x2 table, both accuracies on
 the shared examples, the difference B - A with its 95% Newcombe interval and the exact
 McNemar p-value (two-sided binomial test on the discordant pairs;
-:func:`harness.evaluation.stats.paired_comparison`).
+:func:`harness.evaluation.stats.paired_comparison`), computed by
+:func:`harness.store.paired.compare_stored`, which the dashboard's drill-down uses too.
 """
 
 from __future__ import annotations
@@ -31,28 +32,26 @@ def describe(job) -> str:
 
 def headline_rule(job) -> str:
     """The scoring rule a stored job's threat spec names (``worst`` when it names none)."""
-    return ((job.config or {}).get("threat_spec") or {}).get("scoring") or "worst"
+    from harness.store.paired import headline_rule as rule
+
+    return rule(job.config)
 
 
 def compare_jobs(store, a, b) -> dict:
-    """The paired comparison of stored jobs ``a`` and ``b`` (see the module docstring) as a JSON-able dict."""
-    from harness.evaluation.stats import paired_jobs
+    """The paired comparison of stored jobs ``a`` and ``b`` (:func:`harness.store.paired.compare_stored`, which the
+    dashboard uses too) as a JSON-able dict, with both jobs described.
+    """
+    from harness.store.paired import compare_stored
 
     for j in (a, b):
         if j.status != "done":
             raise HarnessError(f"job {j.id[:12]} is {j.status}, not done: nothing to compare")
     if a.dataset != b.dataset:
         raise HarnessError(f"jobs {a.id[:12]} ({a.dataset}) and {b.id[:12]} ({b.dataset}) share no examples: different datasets")
-    ra, rb = headline_rule(a), headline_rule(b)
-
-    def outcomes(job, rule):
-        rows = store.example_rows(job.id)
-        return {e.dataset_index: (bool(getattr(e, f"clean_{rule}")), bool(getattr(e, f"robust_{rule}"))) for e in rows}
-
-    paired = paired_jobs(outcomes(a, ra), outcomes(b, rb))
+    paired = compare_stored(store.engine, a.id, b.id)
     if not paired["n_shared"]:
         raise HarnessError(f"jobs {a.id[:12]} and {b.id[:12]} share no examples (no common dataset index)")
-    return {"job_a": a.id, "job_b": b.id, "a": describe(a), "b": describe(b), "rule_a": ra, "rule_b": rb, **paired}
+    return {"job_a": a.id, "job_b": b.id, "a": describe(a), "b": describe(b), **paired}
 
 
 def format_comparison(c: dict) -> str:
