@@ -61,6 +61,9 @@ class AttackResult:
     x_adv: torch.Tensor  # (B, C, H, W) inside the eps-ball and [0, 1]
     margin: torch.Tensor  # (B,) margin of the model's logits at x_adv (> 0: broken by the attack's estimate)
     curve: list[int] = field(default_factory=list)  # robust count after each iteration (0 = start); [] if none
+    #: per-example statistics of the attack's own (B,) in [0, 1], stored with the batch and aggregated into the
+    #: metrics ``robust_accuracy_<label>_<name>`` (DiffHammer: ``any_iterate``, ``avg``); {} if none
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

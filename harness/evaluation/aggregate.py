@@ -123,6 +123,38 @@ def nfe_totals(job: ResolvedJob, batches: list) -> dict[str, Any]:
     return nfe
 
 
+def attack_stat_metrics(job: ResolvedJob, examples: list, batches: list) -> dict[str, Metric]:
+    """An attack's own per-example statistics (``AttackResult.stats``, kept in each batch's ``extra``) as metrics.
+
+    ``robust_accuracy_<label>_<name>``: the mean over the job's examples of the statistic, counted only on
+    examples clean-correct under the headline rule (as every robust accuracy): DiffHammer's ``any_iterate``
+    (robust under every draw of every iterate it tried, a count: 95% Wilson interval) and ``avg`` (one minus
+    the best fraction of misclassifying draws: a mean, no interval).
+    """
+    n = len(examples)
+    if not n:
+        return {}
+    clean = {e.position: bool(getattr(e, f"clean_{job.spec.scoring}")) for e in examples}  # position = batch * size + i
+    sums: dict[str, float] = {}
+    counted: dict[str, bool] = {}
+    for b in batches:
+        start = b.batch * job.spec.batch_size
+        for label, per in ((getattr(b, "extra", None) or {}).get("attack_stats") or {}).items():
+            for name, values in per.items():
+                key = f"robust_accuracy_{label}_{name}"
+                sums[key] = sums.get(key, 0.0) + sum(v for i, v in enumerate(values) if clean.get(start + i, False))
+                counted[key] = name == "any_iterate"
+    out: dict[str, Metric] = {}
+    for key, total in sums.items():
+        if counted[key]:
+            k = int(round(total))
+            lo, hi = wilson_interval(k, n)
+            out[key] = (k / n, lo, hi, n)
+        else:
+            out[key] = (total / n, None, None, n)
+    return out
+
+
 def aggregate(job: ResolvedJob, examples: list, batches: list) -> dict:
     """Metrics, curves, NFE totals and flags (harness.evaluation.flags) from stored rows."""
     from harness.evaluation.flags import job_flags
@@ -130,5 +162,6 @@ def aggregate(job: ResolvedJob, examples: list, batches: list) -> dict:
     metrics = accuracy_metrics(job, examples)
     metrics.update(reference_metrics(job, examples))
     metrics.update(example_means(examples))
+    metrics.update(attack_stat_metrics(job, examples, batches))
     curves = merged_curves(batches)
     return {"metrics": metrics, "curves": curves, "nfe": nfe_totals(job, batches), "flags": job_flags(job, batches, curves)}

@@ -68,6 +68,8 @@ class BatchState:
     scores: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     ran: dict[str, torch.Tensor] = field(default_factory=dict)  # label -> mask of the examples it attacked
     curves: dict[str, list[int]] = field(default_factory=dict)
+    #: label -> statistic -> one value per example of the batch (AttackResult.stats, scattered)
+    attack_stats: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     pur_clean: torch.Tensor | None = None  # one purification of the clean inputs (quality)
     warned: list[str] = field(default_factory=list)  # "label: message" of pyautoattack's warnings
     purified_by_checks: int = 0
@@ -165,7 +167,8 @@ def _run_one(st: BatchState, pa: PlannedAttack, idx: torch.Tensor, cached: dict 
     _keep_warnings(st, pa.label, caught)
     if job.classifier.module.training or job.defense.training:
         raise HarnessError(f"attack {pa.label} left the classifier or the defense in training mode (attacks must not change it)")
-    res = AttackResult(x_adv=res.x_adv.detach(), margin=res.margin.detach(), curve=list(res.curve))
+    res = AttackResult(x_adv=res.x_adv.detach(), margin=res.margin.detach(), curve=list(res.curve),
+                       stats={k: v.detach() for k, v in (res.stats or {}).items()})
     if not torch.isfinite(res.x_adv).all():
         raise HarnessError(f"attack {pa.label} produced non-finite images (defense '{job.defense.name}' gradients are NaN?)")
     if res.x_adv.shape != st.x[idx].shape or res.margin.shape != (len(idx),):
@@ -190,6 +193,10 @@ def _record(st: BatchState, label: str, res: AttackResult, idx: torch.Tensor) ->
     x_full, m_full = st.x.clone(), torch.full((n,), float("-inf"), device=dev)
     x_full[idx], m_full[idx] = res.x_adv, res.margin.to(m_full.dtype)
     st.advs[label] = AttackResult(x_adv=x_full, margin=m_full, curve=res.curve)
+    for name, v in (res.stats or {}).items():  # an example the cascade skipped was lost already: 0
+        full = torch.zeros(n, device=dev)
+        full[idx] = v.to(dev, full.dtype)
+        st.attack_stats.setdefault(label, {})[name] = [float(a) for a in full.cpu()]
     mask = torch.zeros(n, dtype=torch.bool, device=dev)
     mask[idx] = True
     st.ran[label] = mask
@@ -450,6 +457,8 @@ def run_batch(
     }
     extra = {"shift": st.shift_info} if st.shift_info else {}
     extra["flags"] = flags
+    if st.attack_stats:
+        extra["attack_stats"] = st.attack_stats
     examples = example_rows(st, x_adv, worst_attack, quality, det)
     if job.spec.paired_reference:
         refs, nfe["reference_purifications"] = paired_reference(st, x_orig)

@@ -112,6 +112,7 @@ class JobWriter:
         #: where the batches ran, as the worker that ran them saw it (a grid's worker process or Ray task);
         #: None: this process (``harness run``)
         self.environment: dict | None = None
+        self.metrics: dict | None = None  # after finish: the stored metrics
 
     def begin(self) -> set[int]:
         """Mark the job running (unless it is a forced rerun of a finished one); return the
@@ -138,7 +139,7 @@ class JobWriter:
         n = len(job.subset.y)
         if self.in_memory:
             examples = [_Row(**e) for bt in self.buffer for e in bt["examples"]]
-            batches = [_Row(n=len(bt["examples"]), curves=bt["curves"], nfe=bt["nfe"], seconds=bt["seconds"],
+            batches = [_Row(batch=bt["batch"], n=len(bt["examples"]), curves=bt["curves"], nfe=bt["nfe"], seconds=bt["seconds"],
                             extra=bt.get("extra") or {}) for bt in self.buffer]
         else:
             examples, batches = store.example_rows(job.job_id), store.batch_rows(job.job_id)
@@ -158,6 +159,7 @@ class JobWriter:
             store.replace_job(job.job_id, self.buffer, **payload)
         else:
             store.finish_job(job.job_id, **payload)
+        self.metrics = agg["metrics"]  # name -> (value, lower, upper, n), as stored
 
     def fail(self, reason: str) -> None:
         """Record a failure (a forced rerun leaves the finished rows untouched)."""

@@ -314,7 +314,12 @@ class DiffHammer(Attack):
                 zs = geo.project(xa + geo.ascent_step(grad, step), xs, e4)
                 xn = geo.project(xa + a * (zs - xa) + (1 - a) * (xa - x_last), xs, e4)
                 x_last, xa = xa, xn.detach()
-        return AttackResult(x_adv=geo.project(best_x, x, eps.view(-1, *([1] * (x.dim() - 1)))), margin=best_m, curve=curve)
+        # DiffHammer's own two statistics per example, stored as columns of the job (robust_accuracy_<label>_any_iterate,
+        # robust_accuracy_<label>_avg): robust under any draw at every iterate tried, and one minus the best fraction of
+        # misclassifying draws over the iterates
+        stats = {"any_iterate": (~wor_best).float(), "avg": 1.0 - avg_best}
+        return AttackResult(x_adv=geo.project(best_x, x, eps.view(-1, *([1] * (x.dim() - 1)))), margin=best_m, curve=curve,
+                            stats=stats)
 
 
 # DiffHammer is an attack on stochastic defenses: against a deterministic model it would be APGD
