@@ -28,7 +28,9 @@ def _registries():
     """Load built-in plugins and the toy plugin once (as `--plugin` would)."""
     from harness.core.plugins import load_builtin, load_plugin
 
-    torch.set_num_threads(1)
+    # one torch thread unless HARNESS_TEST_THREADS says otherwise: the suite must pass with 1 and with 2
+    # (HARNESS_TEST_THREADS=2 python -m pytest ...); tests whose fixtures were computed with one thread pin it (one_thread)
+    torch.set_num_threads(int(os.environ.get("HARNESS_TEST_THREADS", "1")))
     load_builtin()
     for plugin in (TOY_PLUGIN, TOY_ATTACK, TOY_SHIFT):
         load_plugin(plugin)
