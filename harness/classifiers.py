@@ -42,7 +42,7 @@ from torch import nn
 from harness.core.env import WEIGHTS_DIR, sha256_file
 from harness.data import DATASETS
 from harness.core.config import read_recipe
-from harness.core.registry import HarnessError, MissingFileError, Registry, suggest
+from harness.core.registry import HarnessError, MissingFileError, Registry, first_line, suggest
 
 #: Where the shipped small-CNN weights live (inside the package).
 
@@ -300,8 +300,7 @@ def _torch_load(path: Path) -> Any:
         # weights_only: a checkpoint from elsewhere must not be able to run code.
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle/zip errors come in many types; report one line
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HarnessError(f"cannot load weights '{path}': {msg}") from None
+        raise HarnessError(f"cannot load weights '{path}': {first_line(exc)}") from None
 
 
 def _strict_load(module: nn.Module, state: dict, path: Path) -> None:

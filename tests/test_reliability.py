@@ -4,6 +4,7 @@ read-only commands that never create a store, Ctrl-C and SIGKILL of a grid.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import json
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from sqlalchemy import text
 
 from harness.cli import main
@@ -143,6 +145,8 @@ PROBES = [  # (arguments, what the one line says, a broken recipe to put in {w}:
     *[(["run", "--defense", "maep", "--weights-dir", "{w}"], RECIPE_NEEDLES[kind], ("maep-digits", kind))
       for kind in ("corrupt", "list")],
     (["run", "--weights", "{w}/digits-cnn.pt"], "classifier recipe", ("digits-cnn", "corrupt")),
+    (["run", "--plugin", "{tmp}/exits.py"], "exits.py called sys.exit(3) while it was imported", None),
+    (["run", "--weights", "{tmp}/legacy.pt"], "refused by torch.load(weights_only=True): it holds a pickled Python object", None),
 ]
 
 
@@ -153,6 +157,8 @@ def test_bad_input_is_one_line_exit_2_and_touches_no_store(args, needle, recipe,
     shutil.copy(finished_store, db)
     (tmp_path / "text.db").write_text("not a database, but someone's notes\n" * 20)
     (tmp_path / "t.csv").write_text("defense,threat,dataset,classifier,metric,expected,tolerance\n")
+    (tmp_path / "exits.py").write_text("import sys\nsys.exit(3)\n")  # a plugin written as a script
+    torch.save(argparse.Namespace(a=1), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # a legacy pickle
     if recipe is not None:
         (tmp_path / "w").mkdir()
         _recipe(WEIGHTS / f"{recipe[0]}.pt", tmp_path / "w" / f"{recipe[0]}.pt", recipe[1])

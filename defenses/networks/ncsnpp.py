@@ -51,7 +51,7 @@ from torch import nn
 
 from defenses.networks import layers as L
 from harness.core.env import _file_digest
-from harness.core.registry import HarnessError, MissingFileError
+from harness.core.registry import HarnessError, MissingFileError, first_line
 
 _ACTIVATIONS = {"swish": nn.SiLU, "elu": nn.ELU, "relu": nn.ReLU, "lrelu": lambda: nn.LeakyReLU(negative_slope=0.2)}
 
@@ -359,8 +359,7 @@ def _torch_load(path: Path) -> Any:
         except Exception as exc:  # pickle / zip / weights_only errors of a foreign or truncated file: one line
             if mmap and isinstance(exc, RuntimeError) and "mmap" in str(exc):
                 continue  # a legacy (non-zip) file cannot be mapped
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise HarnessError(f"cannot load checkpoint '{path}': {msg}") from None
+            raise HarnessError(f"cannot load checkpoint '{path}': {first_line(exc)}") from None
     raise AssertionError("unreachable")
 
 

@@ -74,12 +74,19 @@ def load_plugin(spec: str) -> str:
         except HarnessError:
             sys.modules.pop(name, None)
             raise
+        except SystemExit as exc:  # a script's exit: one line naming the file, not the harness ending with its status
+            sys.modules.pop(name, None)
+            raise HarnessError(f"plugin {spec} called sys.exit({exc.code!r}) while it was imported: "
+                               "a plugin only defines and registers classes") from None
         except Exception as exc:
             sys.modules.pop(name, None)
-            raise HarnessError(f"plugin {spec} failed to import: {type(exc).__name__}: {exc}") from exc
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise HarnessError(f"plugin {spec} failed to import: {type(exc).__name__}: {msg}") from exc
         return name
     try:
         importlib.import_module(spec)
     except ImportError as exc:
         raise HarnessError(f"plugin module '{spec}' cannot be imported: {exc}") from exc
+    except SystemExit as exc:
+        raise HarnessError(f"plugin module '{spec}' called sys.exit({exc.code!r}) while it was imported") from None
     return spec

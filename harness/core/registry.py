@@ -16,6 +16,7 @@ there is one source of truth per entry::
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -26,8 +27,18 @@ class HarnessError(Exception):
 
 
 def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type name if it has none), for one-line errors."""
-    text = str(exc).strip()
+    """The first line of an exception's message (its type name if it has none), for one-line errors.
+
+    ``torch.load(..., weights_only=True)`` refusing a file (a legacy pickle, a whole model saved with
+    ``torch.save(model)``) raises a many-line message whose first line only says "you have two options";
+    it becomes one line naming what the file holds and what to do.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # terminal colours
+    if text.startswith("Weights only load failed"):
+        m = re.search(r"Unsupported global: GLOBAL (\S+)", text) or re.search(r"WeightsUnpickler error: ([^\n.]+)", text)
+        what = f"it holds a pickled Python object ({m.group(1)})" if m else "it holds more than tensors"
+        return (f"refused by torch.load(weights_only=True): {what}, as a legacy or whole-model save does; "
+                "load it where you trust it and re-save its state_dict (torch.save(model.state_dict(), path))")
     return text.splitlines()[0] if text else type(exc).__name__
 
 
