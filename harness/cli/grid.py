@@ -27,8 +27,12 @@ def cmd_grid(args) -> int:
                                             devices[0] if args.calibrate else None))
     else:
         cells = plan(spec, reader, force=args.force, with_jobs=False)
-        summary = run_grid(spec, Store(args.db), executor=args.executor, devices=devices, address=args.address,
-                           ray_cpus=args.ray_cpus, threads=args.threads, force=args.force, cells=cells)
+        store = Store(args.db)
+        try:
+            summary = run_grid(spec, store, executor=args.executor, devices=devices, address=args.address,
+                               ray_cpus=args.ray_cpus, threads=args.threads, force=args.force, cells=cells)
+        finally:
+            store.close()
     counts = summary.counts()
     print("summary: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return 1 if counts.get("failed") else 0

@@ -143,11 +143,18 @@ def cmd_run(args) -> int:
 
         raise HarnessError("--calibrate goes with --dry-run")
     store = Store(args.db)
+    if store.get_job(job.job_id) is None or store.get_job(job.job_id).status != "done" or args.force:
+        from harness.evaluation.cost import large_plan_note
+
+        note = large_plan_note(job, args.device)  # before a long run starts: what it will cost
+        if note:
+            print(f"  {note}", file=sys.stderr if args.json else sys.stdout, flush=True)
     outcome = run_job(job, store, force=args.force, progress=not args.no_progress and sys.stderr.isatty())
     if args.json:
         print(json.dumps(outcome.as_json(), default=str))
     else:
         print_outcome(outcome, store.shown_url)
+    store.close()  # SQLite folds its write-ahead log into the file (the run froze the collector: nothing else would)
     return 0
 
 

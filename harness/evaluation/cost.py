@@ -18,7 +18,9 @@ the run, so for a plan of several attacks the count is the cost of attacking eve
 example, an upper bound (``exact`` says whether it is the recorded number). A cell whose
 preprocessor-blind adversarial examples are already cached costs less than predicted.
 :func:`calibrate` times a few network calls on a device, and :func:`estimate_seconds`
-turns the counts into seconds.
+turns the counts into seconds. :func:`large_plan_note` is the line ``harness run`` (with a
+calibrated time) and ``harness grid`` print before a cell of at least
+:data:`LARGE_PLAN_NFE` purifier NFE-images starts.
 """
 
 from __future__ import annotations
@@ -165,3 +167,24 @@ def estimate_seconds(nfe: dict[str, Any], cal: Calibration) -> float:
         else:
             total += a["model_images"] * cal.defended_s
     return total
+
+
+#: Purifier network evaluations (NFE-images) from which a plan is large: the run says what it will cost first.
+LARGE_PLAN_NFE = 100_000
+
+
+def large_plan_note(job, calibrate_on: str | None = None) -> str | None:
+    """One line for a plan of at least :data:`LARGE_PLAN_NFE` purifier NFE-images (None below): its network
+    evaluations and, with ``calibrate_on`` (a device), the network time a few timed calls predict.
+    """
+    cost = estimate_nfe(job)
+    if cost["purifier_nfe_images"] < LARGE_PLAN_NFE:
+        return None
+    bound = "" if cost["exact"] else "at most "
+    line = (f"large plan: {bound}{cost['purifier_nfe_images']:,} purifier NFE-images and {bound}{cost['classifier_images']:,} "
+            "classifier images")
+    if calibrate_on is not None:
+        cal = calibrate(job, calibrate_on)
+        secs = estimate_seconds(cost, cal)
+        line += f"; estimated network time {secs / 3600:.2f} h on {cal.device} (calibrated on {cal.batch} images)"
+    return line + "; finished batches are stored as they end (Ctrl-C, then the same command resumes); --dry-run --calibrate details it"

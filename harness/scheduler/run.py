@@ -14,6 +14,7 @@ from typing import Any
 
 from harness.core.registry import HarnessError, suggest
 from harness.evaluation import JobWriter, resolve
+from harness.evaluation.cost import large_plan_note
 from harness.evaluation.resolve import sharing_networks
 from harness.evaluation.lifecycle import freeze_gc
 from harness.scheduler.cells import Cell, plan
@@ -124,6 +125,9 @@ def run_grid(
     def start(t: Task) -> Task:
         """Just before a task is handed to a worker: resolve its job here, mark it running, skip its stored batches."""
         job = resolve(dataclasses.replace(by_id[t.job_id].cfg, device="cpu"))
+        note = large_plan_note(job)  # its network evaluations, before it starts (no calibration in the parent)
+        if note:
+            log(f"  start   {by_id[t.job_id].label()}: {note}")
         writers[t.job_id] = writer = JobWriter(store, job, force=force)
         return dataclasses.replace(t, skip=tuple(sorted(writer.begin())))
 
@@ -143,8 +147,8 @@ def run_grid(
             try:
                 writer.finish()
                 cell.state = "ran"
-                m = store.metrics(job_id)
-                log(f"  done    {cell.label()}: clean {m['clean_accuracy'].value:.3f} robust {m['robust_accuracy'].value:.3f}")
+                m = writer.metrics
+                log(f"  done    {cell.label()}: clean {m['clean_accuracy'][0]:.3f} robust {m['robust_accuracy'][0]:.3f}")
                 return
             except HarnessError as exc:
                 payload = str(exc)
