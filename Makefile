@@ -9,6 +9,10 @@ ifneq ($(wildcard ../shared/data),)
 export HARNESS_SHARED ?= $(abspath ../shared)
 endif
 
+# OpenMP threads sleep at barriers instead of spinning (what `harness` itself sets): on a shared CPU a spinning
+# thread waits for a partner that lost its core, and the tests ran 18 times slower with 2 threads (docs/benchmarks.md).
+export OMP_WAIT_POLICY ?= PASSIVE
+
 .PHONY: run test smoke docs install clean
 
 $(STAMP): pyproject.toml

@@ -18,6 +18,7 @@ Bad input exits with status 2 and a one-line ``error: ...`` on stderr.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -47,8 +48,15 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+#: OpenMP threads sleep at a barrier instead of spinning, unless the user chose otherwise. Set before torch loads
+#: its OpenMP runtime: beside a busy process, spinning threads wait for a partner that lost its core, and a run
+#: slowed ninefold instead of in proportion to the load (bench/bench_threads.py, docs/benchmarks.md).
+OMP_WAIT_POLICY = "PASSIVE"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``harness`` console script."""
+    os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)  # inherited by grid workers and the Ray tasks' env
     args_list = list(sys.argv[1:] if argv is None else argv)
     first = args_list[0] if args_list else None
     parser = build_parser(first if first in (*COMMANDS, "dashboard") else None)

@@ -94,18 +94,31 @@ def git_sha() -> str | None:
         return None
 
 
-def environment(device: torch.device | str) -> dict:
-    """Where a job ran: package versions, Python, platform, host, CPU and thread counts, device and its name, git commit."""
-    device = torch.device(device)
-    env = {
+@lru_cache(maxsize=1)
+def _machine() -> dict:
+    """What does not change while a process runs: versions, Python, platform, host, CPU count, commit."""
+    return {
         "packages": {**package_versions(), "sqlalchemy": _version("sqlalchemy"), "robustbench": _version("robustbench")},
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "hostname": socket.gethostname(),
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
         "git_sha": git_sha(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def environment(device: torch.device | str) -> dict:
+    """Where a job ran: package versions, Python, platform, host, CPU and thread counts, device and its name, git commit."""
+    device = torch.device(device)
+    machine = dict(_machine())
+    processor = machine.pop("processor")
+    env = {
+        **machine,
+        "packages": dict(machine["packages"]),
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # PASSIVE by default from the CLI (harness.cli.OMP_WAIT_POLICY)
+        "device": str(device),
         # every batch runs inside harness.core.numerics.no_tf32: plain float32 matmuls and convolutions on CUDA
         "tf32_during_evaluation": False,
     }
@@ -113,5 +126,5 @@ def environment(device: torch.device | str) -> dict:
         env["device_name"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
     else:
-        env["device_name"] = platform.processor() or platform.machine()
+        env["device_name"] = processor
     return env

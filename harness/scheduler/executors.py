@@ -240,7 +240,10 @@ class RayExecutor:
                         kw["num_cpus"] = self.num_cpus
                 # workers import the harness from the same source tree as the driver
                 root = str(Path(__file__).resolve().parents[2])
-                kw["runtime_env"] = {"env_vars": {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}}
+                env_vars = {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+                if os.environ.get("OMP_WAIT_POLICY"):  # the driver's OpenMP wait policy (passive from the CLI)
+                    env_vars["OMP_WAIT_POLICY"] = os.environ["OMP_WAIT_POLICY"]
+                kw["runtime_env"] = {"env_vars": env_vars}
                 try:
                     ray.init(**kw)
                     started = True
