@@ -133,9 +133,7 @@ def test_cifar_ddpm_trains_on_low_noise_levels_and_loads_as_the_backbone(tmp_pat
 
     rec = train_diffusion("cifar10", steps=3, out=tmp_path, data_dir=tiny_npz, recipe=_ddpm_recipe(), progress=False)
     assert rec["data"]["images"] == 24 and rec["data"]["source"]["name"] == "tiny_train.npz"
-    assert rec["training"]["max_timestep"] == 200 and "n ~ U{0..199}" in rec["training"]["loss"]
-    state = torch.load(tmp_path / "cifar10-ddpm.pt", weights_only=True)
-    assert {v.dtype for v in state.values()} == {torch.float16} and "float16" in rec["training"]["weights_shipped"]
+    assert rec["training"]["max_timestep"] == 300 and "n ~ U{0..299}" in rec["training"]["loss"]
     assert rec["data"]["augmentation"].startswith("random horizontal flip")
     assert set(rec["heldout_eps_mse_by_timestep"]) == {"10", "50", "100"}  # only learned levels are measured
     assert "purified" in rec["sample_grid_kind"] and (tmp_path / "cifar10-ddpm.png").is_file()
@@ -144,6 +142,21 @@ def test_cifar_ddpm_trains_on_low_noise_levels_and_loads_as_the_backbone(tmp_pat
     d = DiffPure.from_dict({"t_star": 0.02, "dt": 0.01})
     d.setup(SetupContext(classifier=None, weights_dir=tmp_path, **CIFAR_CTX))
     assert d.backbone_source["sha256"] == rec["sha256"]
+
+
+def test_a_ddpm_stored_in_float16_loads_as_float32_and_measures_what_ships(tmp_path, tiny_npz):
+    from defenses.diffpure import DiffPure
+    from harness.training.diffusion import train_diffusion
+
+    rec = train_diffusion("cifar10", steps=2, out=tmp_path, data_dir=tiny_npz, recipe=_ddpm_recipe(save_dtype="float16"),
+                          grid=False, progress=False)
+    state = torch.load(tmp_path / "cifar10-ddpm.pt", weights_only=True)
+    assert {v.dtype for v in state.values()} == {torch.float16} and "float16" in rec["training"]["weights_shipped"]
+    d = DiffPure.from_dict({"t_star": 0.02, "dt": 0.01})
+    d.setup(SetupContext(classifier=None, weights_dir=tmp_path, **CIFAR_CTX))
+    net = d.eps_net.net
+    assert {p.dtype for p in net.parameters()} == {torch.float32}
+    assert all(torch.equal(net.state_dict()[k], v.float()) for k, v in state.items())
 
 
 def test_cifar_ddpm_resumes_after_ctrl_c_to_the_uninterrupted_result(tmp_path, tiny_npz, monkeypatch):
