@@ -81,3 +81,20 @@ def test_dry_run_nfe_of_a_paired_reference_cell_equals_the_recorded_nfe():
     assert est["exact"] and est["reference_purifications"] == est["eval_purifications"] > 0
     rec = _recorded(job)
     assert {k: est[k] for k in (*KEYS, "reference_purifications")} == {k: rec[k] for k in (*KEYS, "reference_purifications")}
+
+
+def test_a_large_plan_says_what_it_costs_before_it_starts(tmp_path, monkeypatch, capsys):
+    import harness.evaluation.cost as cost
+
+    args = ["run", "--defense", "toy-noise", "--threat", "bpda", "--set", "steps=1", "--n-examples", "8",
+            "--plugin", "tests/plugins/toy_defenses.py", "--db", str(tmp_path / "r.db"), "--no-progress"]
+    job_nfe = estimate_nfe(resolve(RunConfig(defense="toy-noise", threat="bpda", n_examples=8, overrides=(("steps", "1"),))))
+    monkeypatch.setattr(cost, "LARGE_PLAN_NFE", job_nfe["purifier_nfe_images"] + 1)  # just above this cell: no line
+    assert main(args) == 0
+    assert "large plan" not in capsys.readouterr().out
+    monkeypatch.setattr(cost, "LARGE_PLAN_NFE", job_nfe["purifier_nfe_images"])  # this cell is large now
+    assert main(args + ["--force"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "large plan:" in x)
+    assert f"{job_nfe['purifier_nfe_images']:,} purifier NFE-images" in line and "estimated network time" in line
+    assert out.index("large plan:") < out.index("done:")  # before the run, not after

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import csv
+import json
+import math
 import multiprocessing as mp
 import os
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import time
@@ -393,3 +396,37 @@ datasets: [digits]
     reused = sorted(j.nfe["adv_reused"] for j in jobs)
     assert reused == [0, 2, 2], reused  # two batches each: computed once, reused by the two others
     # (400 steps: long enough that without the ordering both workers would attack at once)
+
+
+def test_data_seeds_are_cells_and_results_report_and_dashboard_show_mean_and_spread(tmp_path, capsys):
+    from dashboard import queries as Q
+
+    g = write(tmp_path, f"""
+n_examples: 8
+seeds: [0, 1]
+data_seeds: [0, 1, 2]
+plugins: [{TOY_PLUGIN}]
+defenses: [toy-noise]
+threats:
+  - name: bpda
+    set: {{steps: 1, eot_samples: 1, eval_draws: 1}}
+datasets: [digits]
+""")
+    db = str(tmp_path / "r.db")
+    assert main(["grid", str(g), "--db", db, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "x 3 data seeds x 2 seeds" in out and "toy-noise x bpda x digits x default x data_seed 2 x seed 1 [" in out
+    run_grid(load_grid(g), Store(db), log=lambda *_: None)
+    jobs = Store(db, read_only=True).jobs(status="done")
+    assert sorted((j.config["data_seed"], j.seed) for j in jobs) == [(d, s) for d in range(3) for s in range(2)]
+    assert main(["results", "--db", db, "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    robust = [r["robust"] for r in rows]
+    mean, sd = statistics.fmean(robust), statistics.stdev(robust)
+    assert all(r["seeds_n"] == 6 and math.isclose(r["seeds_mean"], mean, rel_tol=1e-12)
+               and math.isclose(r["seeds_sd"], sd, rel_tol=1e-9) for r in rows)
+    lb = Q.leaderboard(Q.load_jobs(Q.make_engine(db)))
+    assert lb["robust:bpda:seeds"].tolist() == [6] and math.isclose(lb["robust:bpda:mean"][0], mean, rel_tol=1e-12)
+    assert f"over 6 seeds {100 * mean:.1f} ± {100 * sd:.1f}" in Q.display_table(lb)["Robust: bpda"][0]
+    assert main(["report", "--db", db]) == 0
+    assert f"over 6 seeds {100 * mean:.1f} ± {100 * sd:.1f}" in capsys.readouterr().out
