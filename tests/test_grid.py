@@ -430,3 +430,22 @@ datasets: [digits]
     assert f"over 6 seeds {100 * mean:.1f} ± {100 * sd:.1f}" in Q.display_table(lb)["Robust: bpda"][0]
     assert main(["report", "--db", db]) == 0
     assert f"over 6 seeds {100 * mean:.1f} ± {100 * sd:.1f}" in capsys.readouterr().out
+
+
+def test_a_file_gone_between_planning_and_start_fails_its_cells_not_the_grid(tmp_path, capsys):
+    from harness.scheduler.cells import plan
+
+    weights = Path(__file__).resolve().parents[1] / "harness" / "weights"
+    clf = tmp_path / "digits-cnn.pt"
+    for suffix in (".pt", ".json"):
+        clf.with_suffix(suffix).write_bytes((weights / f"digits-cnn{suffix}").read_bytes())
+    g = write(tmp_path, f"n_examples: 8\ndefenses: [none]\nthreats: [preprocessor-blind]\ndatasets: [digits]\n"
+                        f"seeds: [0, 1]\nclassifiers:\n  - name: digits-cnn\n    weights: {clf}\n")
+    spec = load_grid(g)
+    cells = plan(spec, None)
+    clf.unlink()  # planned with it; gone when the grid starts the cells
+    summary = run_grid(spec, Store(str(tmp_path / "r.db")), cells=cells, log=print)
+    assert summary.counts() == {"failed": 2}  # each cell fails with the reason, and the grid ends
+    failed = Store(str(tmp_path / "r.db"), read_only=True).jobs(status="failed")
+    assert len(failed) == 2 and all("when it was started" in j.reason and str(clf) in j.reason for j in failed)
+    assert "FAILED" in capsys.readouterr().out

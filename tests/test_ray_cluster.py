@@ -19,8 +19,7 @@ import pytest
 
 from harness.evaluation import RunConfig, resolve
 from harness.scheduler import load_grid, run_grid
-from harness.scheduler.cells import plan
-from harness.scheduler.executors import _localise_plugins
+from harness.scheduler.executors import RayExecutor, _localise_plugins
 from harness.scheduler.reaper import descendants
 from harness.store import Store
 from tests.conftest import TOY_PLUGIN
@@ -93,9 +92,19 @@ def test_a_grid_on_two_ray_nodes_spreads_survives_a_killed_raylet_and_loses_noth
         missing.write_text(f"n_examples: 8\ndefenses: [none]\nthreats: [preprocessor-blind]\ndatasets: [digits]\n"
                            f"classifiers:\n  - name: digits-cnn\n    weights: {clf}\n")
         spec = load_grid(missing)
-        cells = plan(spec, None)
-        clf.unlink()  # planned with it; gone when the node resolves the job
-        summary = run_grid(spec, Store(pg_url), executor="ray", address=cluster.address, cells=cells, log=lambda *_: None)
+
+        class NodeLacksIt(RayExecutor):
+            """The driver resolves the job with the file; then it is gone, as on a node without it."""
+
+            def run(self, tasks, url, on_event, start=None):
+                def start_then_remove(t):
+                    started = start(t)
+                    clf.unlink()
+                    return started
+
+                return super().run(tasks, url, on_event, start=start_then_remove)
+
+        summary = run_grid(spec, Store(pg_url), executor=NodeLacksIt(cluster.address, 0.0), log=lambda *_: None)
         assert summary.counts() == {"failed": 1}
         (failed,) = Store(pg_url, read_only=True).jobs(status="failed")
         assert str(clf) in failed.reason and "on Ray node" in failed.reason and "does not exist" in failed.reason

@@ -107,8 +107,8 @@ class LocalExecutor:
         """Run every task; ``on_event(kind, job_id, batch, payload)`` gets each result in the parent.
 
         ``start(task) -> task``: called just before a task is queued (the grid resolves its job and marks it
-        running there); tasks are queued a few per worker at a time, so a grid of many cells keeps only the
-        jobs in flight.
+        running there; None: the grid failed it, nothing to run); tasks are queued a few per worker at a time, so
+        a grid of many cells keeps only the jobs in flight.
         """
         import collections
         import multiprocessing as mp
@@ -125,11 +125,15 @@ class LocalExecutor:
         pending, queued, closed = len(tasks_in), 0, False
 
         def feed() -> None:
-            nonlocal closed, queued
+            nonlocal closed, queued, pending
             while waiting and queued < window:
                 t = waiting.popleft()
-                t = start(t) if start is not None else t
-                tasks.put((t.job_id, t.cfg, list(t.skip)))
+                started = start(t) if start is not None else t
+                if started is None:  # the grid failed it before it started
+                    pending -= 1
+                    waiting.extend(held.pop(t.job_id, []))
+                    continue
+                tasks.put((started.job_id, started.cfg, list(started.skip)))
                 queued += 1
             if not waiting and not held and not closed:  # nothing more to come: each worker ends after the queue
                 for _ in procs:
@@ -267,7 +271,11 @@ class RayExecutor:
             def feed() -> None:
                 while waiting and len(gens) < RAY_IN_FLIGHT:
                     t = waiting.popleft()
-                    submit([start(t) if start is not None else t])
+                    started = start(t) if start is not None else t
+                    if started is None:  # the grid failed it before it started
+                        waiting.extend(held.pop(t.job_id, []))
+                        continue
+                    submit([started])
 
             def submit(ts: list[Task]) -> None:
                 for t in ts:

@@ -122,9 +122,19 @@ def run_grid(
     leaders = _leaders(todo, store)
     tasks = [Task(c.job_id, c.cfg, after=lead) for c, lead in zip(todo, leaders, strict=True)]
 
-    def start(t: Task) -> Task:
-        """Just before a task is handed to a worker: resolve its job here, mark it running, skip its stored batches."""
-        job = resolve(dataclasses.replace(by_id[t.job_id].cfg, device="cpu"))
+    def start(t: Task) -> Task | None:
+        """Just before a task is handed to a worker: resolve its job here, mark it running, skip its stored batches.
+        None: the job cannot be resolved here any more (a file planning read has gone): recorded as failed.
+        """
+        cell = by_id[t.job_id]
+        try:
+            job = resolve(dataclasses.replace(cell.cfg, device="cpu"))
+        except HarnessError as exc:
+            cell.state, cell.reason = "failed", f"when it was started: {exc}"
+            _record_skips([dataclasses.replace(cell, state="skipped")], store, lambda *_: None)
+            store.fail_job(t.job_id, cell.reason)
+            log(f"  FAILED  {cell.label()}: {cell.reason}")
+            return None
         note = large_plan_note(job)  # its network evaluations, before it starts (no calibration in the parent)
         if note:
             log(f"  start   {by_id[t.job_id].label()}: {note}")
