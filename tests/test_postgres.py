@@ -9,7 +9,8 @@ are tests/test_reliability.py and tests/test_grid.py, parametrised over both sto
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -44,18 +45,12 @@ def test_round_trip_schema_and_types_match_sqlite(pg_url, tmp_path):
     assert Store(pg_url, read_only=True).find_jobs("j")[0].id == "j1"
 
 
-def _open(url: str) -> None:
-    Store(url).close()
-
-
 def test_many_first_writers_create_the_schema_once(pg_url):
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_open, args=(pg_url,)) for _ in range(6)]
+    code = "import sys; from harness.store import Store; Store(sys.argv[1]).close()"
+    procs = [subprocess.Popen([sys.executable, "-c", code, pg_url], stderr=subprocess.PIPE, text=True) for _ in range(6)]
     for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-        assert p.exitcode == 0
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
     st = Store(pg_url, read_only=True)
     with st.session() as s:
         assert s.scalar(select(func.count()).select_from(MetaRow)) == 1
