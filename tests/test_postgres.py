@@ -9,6 +9,7 @@ are tests/test_reliability.py and tests/test_grid.py, parametrised over both sto
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -113,3 +114,25 @@ def test_the_dashboard_and_report_read_a_server_store_as_they_read_sqlite(pg_url
     table = next(df.value for df in at.dataframe if "Defense" in df.value.columns)
     assert {"none", "toy-noise", "toy-quantize"} <= set(table["Defense"]) and len(table) == 5
     assert not any(pg_url.split("@")[0].split(":")[-1] in c.value for c in at.caption)  # the password is never shown
+
+
+def test_show_compare_check_and_migrations_on_a_server_store(pg_url, tmp_path, capsys):
+    fill_store(pg_url)
+    ids = sorted(j.id for j in Store(pg_url, read_only=True).jobs(status="done"))
+    assert main(["show", ids[0][:12], "--db", pg_url]) == 0
+    assert json.loads(capsys.readouterr().out)["job_id"] == ids[0]
+    a, b = (j for j in Store(pg_url, read_only=True).jobs(status="done") if j.dataset == "digits" and j.threat == "adaptive")
+    assert main(["compare", a.id, b.id, "--db", pg_url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_shared"] == 20
+    table = tmp_path / "t.csv"
+    m = Store(pg_url, read_only=True).metrics(a.id)["robust_accuracy"]
+    table.write_text("defense,threat,dataset,classifier,metric,expected,tolerance\n"
+                     f"{a.defense},{a.threat},{a.dataset},{a.classifier},robust_accuracy,{m.value},\n")
+    assert main(["check", str(table), "--db", pg_url]) == 0
+    assert "1/1 within tolerance" in capsys.readouterr().out
+    # an older store (before the flags column): a reader reads it as None, the next writer adds the column
+    with Store(pg_url).engine.begin() as conn:
+        conn.execute(text("ALTER TABLE jobs DROP COLUMN flags"))
+    assert all(j.flags is None for j in Store(pg_url, read_only=True).jobs())
+    Store(pg_url).close()
+    assert "flags" in {c["name"] for c in inspect(Store(pg_url, read_only=True).engine).get_columns("jobs")}
