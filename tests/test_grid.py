@@ -65,12 +65,26 @@ def rows(db: Path) -> list[tuple]:
         ("defenses: [none]\nthreats: [bpda]\ndatasets: [digits]\nn_examples: -3\n", "line 4: n_examples must be a positive integer"),
         ("defenses: none\nthreats: [bpda]\ndatasets: [digits]\n", "line 1: 'defenses' must be a non-empty list"),
         ("- a\n- b\n", "a grid file is a mapping"),
+        ("defenses:\n  - {name: none, n_examples: {bpdaa: 4}}\nthreats: [bpda]\ndatasets: [digits]\n",
+         "line 2: n_examples names threat 'bpdaa', which is not in the grid's threats; did you mean 'bpda'?"),
+        ("defenses:\n  - {name: none, n_examples: {bpda: 0}}\nthreats: [bpda]\ndatasets: [digits]\n",
+         "line 2: n_examples must be a positive integer or a mapping"),
     ],
 )
 def test_malformed_grid_files_name_key_and_line(tmp_path, text, needle):
     with pytest.raises(GridError) as e:
         load_grid(write(tmp_path, text))
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_defense_sets_its_own_subset_size_per_threat(tmp_path):
+    # the defense's size for a threat wins, then its size for all threats, then the threat's, the dataset's, the grid's
+    text = ("n_examples: 40\ndefenses:\n  - none\n  - {name: toy-noise, n_examples: {bpda: 4}}\n"
+            "  - {name: toy-slow, n_examples: 6}\nthreats:\n  - bpda\n  - {name: preprocessor-blind, n_examples: 12}\n"
+            f"datasets: [digits]\nplugins: [{TOY_PLUGIN}]\n")
+    n = {(c.defense, c.threat): c.n_examples for c in expand(load_grid(write(tmp_path, text)))}
+    assert n == {("none", "bpda"): 40, ("none", "preprocessor-blind"): 12, ("toy-noise", "bpda"): 4,
+                 ("toy-noise", "preprocessor-blind"): 12, ("toy-slow", "bpda"): 6, ("toy-slow", "preprocessor-blind"): 6}
 
 
 def test_expansion_is_the_product_of_axes(tmp_path):

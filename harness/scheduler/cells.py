@@ -65,6 +65,11 @@ class Cell:
         return dataclasses.replace(self, job=None, estimate=None)
 
 
+def _n_examples(spec: GridSpec, d, t, ds) -> int | None:
+    """A cell's subset size: the defense's (per threat, then for all), the threat's, the dataset's, the grid's."""
+    return dict(d.n_by_threat).get(t.name) or d.n_examples or t.n_examples or ds.n_examples or spec.n_examples
+
+
 def _expand(spec: GridSpec) -> Iterator[tuple[RunConfig, tuple[str, ...]]]:
     """Every cell's RunConfig, with where in the file each of its overrides was written (lazily, in grid order)."""
     for ds in spec.datasets:
@@ -88,7 +93,7 @@ def _expand(spec: GridSpec) -> Iterator[tuple[RunConfig, tuple[str, ...]]]:
                                 defense=d.name, threat=t.name, dataset=ds.name,
                                 classifier=clf.name if clf else None, weights=clf.weights if clf else None,
                                 model_dir=clf.model_dir if clf else None, data_dir=ds.data_dir,
-                                n_examples=t.n_examples or ds.n_examples or spec.n_examples, seed=seed, data_seed=data_seed,
+                                n_examples=_n_examples(spec, d, t, ds), seed=seed, data_seed=data_seed,
                                 overrides=over, plugins=spec.plugins,
                             ), where
 

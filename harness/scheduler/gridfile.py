@@ -17,6 +17,8 @@ A grid file::
         threats: [cross-dataset]   # optional: only with these threats / on these datasets / before
         datasets: [digits]         # these classifiers
         classifiers: [digits-cnn]
+      - name: cmap
+        n_examples: {adaptive: 8}  # optional: this defense's subset size, one for all its threats or per threat
     threats:
       - preprocessor-blind
       - name: adaptive
@@ -61,7 +63,7 @@ UNSUPPORTED_KEYS = {
     "device": "devices are chosen on the command line: harness grid FILE --devices cuda:0,cuda:1",
 }
 AXIS_KEYS = {
-    "defenses": {"name", "set", "threats", "datasets", "classifiers"},
+    "defenses": {"name", "set", "threats", "datasets", "classifiers", "n_examples"},
     "threats": {"name", "set", "n_examples"},
     "datasets": {"name", "set", "data_dir", "n_examples"},
     "classifiers": {"name", "weights", "model_dir", "datasets", "set"},
@@ -125,6 +127,8 @@ class AxisEntry:
     overrides: tuple[tuple[str, str], ...] = ()
     data_dir: str | None = None
     n_examples: int | None = None
+    #: a defense's subset size per threat name (``n_examples: {adaptive: 8}``; an integer applies to every threat)
+    n_by_threat: tuple[tuple[str, int], ...] = ()
     weights: str | None = None
     model_dir: str | None = None
     datasets: tuple[str, ...] | None = None
@@ -198,7 +202,13 @@ def _axis(doc: _Map, axis: str, path: str, required: bool) -> tuple[AxisEntry, .
             if k not in AXIS_KEYS[axis]:
                 raise GridError(f"{_where(path, item, k)}: unknown key '{k}' in {axis}{suggest(str(k), sorted(AXIS_KEYS[axis]))}")
         w = _where(path, item)
-        n = item.get("n_examples")
+        n, n_by = item.get("n_examples"), ()
+        if axis == "defenses" and isinstance(n, dict):
+            n_by = tuple((str(k), v) for k, v in n.items())
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for _, v in n_by):
+                raise GridError(f"{_where(path, item, 'n_examples')}: n_examples must be a positive integer or a mapping of "
+                                "threat name: positive integer")
+            n = None
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
             raise GridError(f"{_where(path, item, 'n_examples')}: n_examples must be a positive integer")
         ds, ts, cs = item.get("datasets"), item.get("threats"), item.get("classifiers") if axis == "defenses" else None
@@ -212,7 +222,7 @@ def _axis(doc: _Map, axis: str, path: str, required: bool) -> tuple[AxisEntry, .
         out.append(
             AxisEntry(
                 name=item["name"], overrides=overrides, data_dir=item.get("data_dir"),
-                n_examples=n, weights=item.get("weights"), model_dir=item.get("model_dir"),
+                n_examples=n, n_by_threat=n_by, weights=item.get("weights"), model_dir=item.get("model_dir"),
                 datasets=tuple(ds) if ds is not None else None, threats=tuple(ts) if ts is not None else None,
                 classifiers=tuple(cs) if cs is not None else None, where=_where(path, item, "name"), set_where=set_where,
             )
@@ -284,10 +294,17 @@ def load_grid(path: str | Path) -> GridSpec:
     plugins_where = tuple(f"{_where(sp, plugins, i)}: plugins" for i in range(len(plugins)))
     plugins = tuple(str((base / pl).resolve()) if str(pl).endswith(".py") and not Path(pl).is_absolute() else str(pl) for pl in plugins)
     overrides, set_where = _overrides(doc.get("set"), _where(sp, doc, "set"), sp)
+    defenses, threats = _axis(doc, "defenses", sp, True), _axis(doc, "threats", sp, True)
+    names = {t.name for t in threats}
+    for d in defenses:
+        for t, _ in d.n_by_threat:
+            if t not in names:
+                raise GridError(f"{d.where}: n_examples names threat '{t}', which is not in the grid's threats"
+                                f"{suggest(t, sorted(names))}")
     return GridSpec(
         name=str(doc.get("name", p.stem)),
-        defenses=_axis(doc, "defenses", sp, True),
-        threats=_axis(doc, "threats", sp, True),
+        defenses=defenses,
+        threats=threats,
         datasets=_axis(doc, "datasets", sp, True),
         classifiers=_axis(doc, "classifiers", sp, False),
         seeds=seeds,
