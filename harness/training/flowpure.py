@@ -101,15 +101,13 @@ def _recipes() -> dict[str, FlowPureRecipe]:
     from threat_models.specs import DIGITS_LINF_EPS, MNIST_LINF_EPS
 
     # CPU recipe: the CIFAR-10 DDPM's small UNet (about 1 s per step of 64 with one thread), a few thousand
-    # steps with a cosine decay, and PGD/CW sources drawn once per training image (PGD: 3 draws, CW: 1)
-    # instead of per minibatch, so that each variant trains within an hour on a 2-core CPU. CW: 1200 steps,
-    # because the PGD flow's loss was flat from step 300 to 2600 (4.5e-4 -> 4.0e-4) and the CW sources cost
-    # 49 attack steps each.
+    # steps with a cosine decay, and PGD/CW sources drawn once per training image (PGD: 3 draws, CW: 2)
+    # instead of per minibatch, so that each variant trains within an hour on a 2-core CPU.
     cifar_cpu = FlowPureRecipe(
-        unet_config=small_unet_config(32, 3, (32, 64, 64), 8), steps={"pgd": 2600, "cw": 1200, "gauss": 3000}, batch_size=64,
-        lr=1e-3, eps_max=0.05, lr_schedule="cosine", source_draws={"pgd": 3, "cw": 1}, ckpt_every=200,
-        note="sized for a 2-core CPU (under an hour per variant with one thread): a 1 M-parameter UNet, 1200-3000 steps "
-             "with a cosine decay instead of NCSN++ for 300k steps; PGD/CW sources cached (3 / 1 draws per image)",
+        unet_config=small_unet_config(32, 3, (32, 64, 64), 8), steps={"pgd": 2600, "cw": 2300, "gauss": 3000}, batch_size=64,
+        lr=1e-3, eps_max=0.05, lr_schedule="cosine", source_draws={"pgd": 3, "cw": 2}, ckpt_every=200,
+        note="sized for a 2-core CPU (under an hour per variant with one thread): a 1 M-parameter UNet, 2300-3000 steps "
+             "with a cosine decay instead of NCSN++ for 300k steps; PGD/CW sources cached (3 / 2 draws per image)",
     )
     return {
         # Each digits variant trains in a few minutes on 2 shared CPU cores.
