@@ -243,10 +243,11 @@ def test_nfe_and_capabilities():
 # --------------------------------------------------------------------------- errors
 def test_missing_weights_give_a_one_line_error():
     with pytest.raises(HarnessError) as err:
-        FlowPurePGD().setup(SetupContext(classifier=None, dataset="cifar10", image_shape=(3, 32, 32), num_classes=10))
+        # cifar100: a dataset FlowPure has a recipe for but no shipped weights (cifar10's are shipped)
+        FlowPurePGD().setup(SetupContext(classifier=None, dataset="cifar100", image_shape=(3, 32, 32), num_classes=100))
     msg = str(err.value)
-    assert "\n" not in msg and "flowpure-pgd-cifar10.pt" in msg
-    assert "harness train flowpure --variant pgd --dataset cifar10" in msg
+    assert "\n" not in msg and "flowpure-pgd-cifar100.pt" in msg
+    assert "harness train flowpure --variant pgd --dataset cifar100" in msg
 
 
 def test_bad_options_and_mismatched_weights_are_errors(tmp_path):
