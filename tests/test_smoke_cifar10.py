@@ -20,8 +20,7 @@ from harness.store import Store
 ROOT = Path(__file__).resolve().parent.parent
 GRID = ROOT / "grids" / "smoke-cifar10.yaml"
 TABLE = ROOT / "tables" / "smoke-cifar10.csv"
-# flowpure-cw joins when flowpure-cw-cifar10 is shipped (its training is resumable from its checkpoint)
-PURIFIERS = {"diffpure", "diffpure-ddpm", "coup", "cmap", "flowpure-pgd", "flowpure-gauss", "maep"}
+PURIFIERS = {"diffpure", "diffpure-ddpm", "coup", "cmap", "flowpure-pgd", "flowpure-cw", "flowpure-gauss", "maep"}
 
 
 def _grid_for(shared: Path, tmp_path: Path) -> Path:
