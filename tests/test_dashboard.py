@@ -4,16 +4,7 @@ AppTest, and the real server loaded in headless Chromium (dashboard/install_brow
 
 from __future__ import annotations
 
-import base64
-import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +19,6 @@ from harness.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "dashboard" / "app.py")
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 
 # (defense, threat, dataset) -> robust accuracy; threat -> (gradient path, EOT, adaptive)
 THREATS = {"preprocessor-blind": ("classifier", 1, False), "bpda": ("bpda", 4, False), "adaptive": ("full", 4, True)}
@@ -412,119 +401,16 @@ def test_dashboard_subcommand(monkeypatch, tmp_path):
 
 
 # --------------------------------------------------------------------------- the real server in Chromium
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class WebDriver:
-    """A minimal W3C WebDriver client over chromedriver's HTTP API (stdlib only).
-
-    Chromium's one-shot ``--dump-dom --virtual-time-budget`` races Streamlit's websocket
-    (virtual time does not wait for it), so the page is polled in real time instead.
-    """
-
-    def __init__(self, profile: Path, log: Path, window: str = "1400,1000"):
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([CHROMEDRIVER, f"--port={self.port}"], stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        self.session = None
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if self._call("GET", "/status")["value"].get("ready"):
-                    break
-            except OSError:
-                pass
-            assert self.proc.poll() is None and time.monotonic() < deadline, f"chromedriver did not start: {log.read_text()}"
-            time.sleep(0.2)
-        args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--hide-scrollbars",
-                f"--window-size={window}", f"--user-data-dir={profile}"]
-        caps = {"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {"binary": CHROMIUM, "args": args}}}}
-        self.session = self._call("POST", "/session", caps, timeout=60)["value"]["sessionId"]
-
-    def _call(self, method: str, path: str, body: dict | None = None, timeout: float = 30) -> dict:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base + path, data=data, method=method, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read())
-
-    def get(self, url: str) -> None:
-        self._call("POST", f"/session/{self.session}/url", {"url": url}, timeout=60)
-
-    def source(self) -> str:
-        return self._call("GET", f"/session/{self.session}/source")["value"]
-
-    def script(self, js: str):
-        return self._call("POST", f"/session/{self.session}/execute/sync", {"script": js, "args": []})["value"]
-
-    def screenshot(self, path: Path) -> None:
-        path.write_bytes(base64.b64decode(self._call("GET", f"/session/{self.session}/screenshot", timeout=60)["value"]))
-
-    def close(self) -> None:
-        try:
-            if self.session:
-                self._call("DELETE", f"/session/{self.session}", timeout=20)
-        except OSError:
-            pass
-        finally:
-            _stop(self.proc)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop a process started with start_new_session=True, and its children."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    except ProcessLookupError:
-        pass
-
-
-def wait_for_page(driver: WebDriver, needles: list[str], timeout: float) -> str:
-    """Poll the rendered DOM until every needle is in it and Streamlit has finished running."""
-    deadline = time.monotonic() + timeout
-    dom = ""
-    while time.monotonic() < deadline:
-        dom = driver.source()
-        running = driver.script("return !!document.querySelector('[data-testid=\"stStatusWidget\"]')")
-        if all(n in dom for n in needles) and not running:
-            return dom
-        time.sleep(0.1)
-    return dom
-
-
-def serve_dashboard(db: Path, port: int, log: Path) -> subprocess.Popen:
-    """Start what `harness dashboard --db DB --port PORT --headless` starts; wait until it answers."""
-    env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "dashboard.cli", "dashboard", "--db", str(db), "--port", str(port), "--address", "127.0.0.1", "--headless"],
-        cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
-                if r.status == 200:
-                    return server
-        except OSError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            _stop(server)
-            raise AssertionError(f"dashboard server did not come up: {log.read_text()[-3000:]}")
-        time.sleep(0.3)
+# dashboard/browser.py: the WebDriver client, the server start and the page wait, shared with the README's screenshot
+from dashboard.browser import WebDriver, serve_dashboard, stop as _stop, wait_for_page  # noqa: E402
 
 
 def test_browser_end_to_end(store_path, tmp_path):
-    for exe in (CHROMIUM, CHROMEDRIVER):
-        if not (os.path.exists(exe) and os.access(exe, os.X_OK)):
-            pytest.fail(f"{exe} not found: run `sh dashboard/install_browser.sh` (Debian chromium + chromium-driver) before the tests")
-    port = _free_port()
+    from dashboard.browser import free_port, missing_browser
+
+    if missing_browser():
+        pytest.fail(f"{missing_browser()} before the tests")
+    port = free_port()
     server = serve_dashboard(store_path, port, tmp_path / "server.log")
     driver = None
     try:
