@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from harness.cli import main
 from harness.reference import API_PACKAGES, BUILDERS, COMMAND
 
@@ -28,12 +30,13 @@ def test_reference_pages_are_what_the_command_writes(tmp_path):
     assert not stale, f"docs/reference/{', '.join(stale)} differ from what the code says: run `{COMMAND}`"
 
 
-def test_the_smoke_leaderboard_page_is_what_harness_report_writes(capsys, monkeypatch):
+@pytest.mark.parametrize("name", ["smoke", "cifar10"])
+def test_the_leaderboard_pages_are_what_harness_report_writes(name, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
-    assert main(["report", "--table", "tables/smoke.csv"]) == 0
+    assert main(["report", "--table", f"tables/{name}.csv"]) == 0
     page = capsys.readouterr().out
-    assert page == (DOCS / "leaderboard-smoke.md").read_text(), \
-        "docs/leaderboard-smoke.md is stale: run `harness report --table tables/smoke.csv --out docs/leaderboard-smoke.md`"
+    assert page == (DOCS / f"leaderboard-{name}.md").read_text(), \
+        f"docs/leaderboard-{name}.md is stale: run `harness report --table tables/{name}.csv --out docs/leaderboard-{name}.md`"
 
 
 def _site_copy(tmp_path: Path) -> Path:
@@ -55,11 +58,11 @@ def _build(site: Path) -> subprocess.CompletedProcess:
 
 def test_the_strict_build_fails_on_a_broken_link_and_takes_a_new_leaderboard_page(tmp_path):
     site = _site_copy(tmp_path)
-    (site / "docs" / "leaderboard-cifar10.md").write_text("# Leaderboard: cifar10\n\nGenerated later by `harness report`.\n")
+    (site / "docs" / "leaderboard-imagenet.md").write_text("# Leaderboard: imagenet\n\nGenerated later by `harness report`.\n")
     ok = _build(site)
     assert ok.returncode == 0, ok.stderr
-    assert (site / "out" / "leaderboard-cifar10" / "index.html").is_file()
-    assert 'href="leaderboard-cifar10/"' in (site / "out" / "index.html").read_text()  # in the nav, by the hook
+    assert (site / "out" / "leaderboard-imagenet" / "index.html").is_file()
+    assert 'href="leaderboard-imagenet/"' in (site / "out" / "index.html").read_text()  # in the nav, by the hook
     with open(site / "docs" / "cost.md", "a") as f:
         f.write("\nSee [the store](store.md#no-such-section) and [a page](no-such-page.md).\n")
     bad = _build(site)
