@@ -184,8 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         db: str | Path = args.db[0]
         if len(args.db) > 1:
+            from harness.cli import main as harness
+
             db = work / "merged.db"
-            rc = subprocess.call([sys.executable, "-m", "harness.cli", "merge", *args.db, "--into", str(db)], cwd=ROOT)
+            rc = harness(["merge", *args.db, "--into", str(db)])
             if rc:
                 print(f"error: harness merge of {args.db} failed (exit {rc})", file=sys.stderr)
                 return 2
