@@ -479,6 +479,14 @@ class EvalSubset:
     identity: dict
 
 
+@lru_cache(maxsize=64)
+def _draw(total: int, n: int, data_seed: int) -> tuple[np.ndarray, str]:
+    """The subset's indices and their sha256 (a pure function of its arguments; a grid draws the same one per cell)."""
+    indices = np.random.RandomState(data_seed).choice(total, n, replace=False).astype(np.int64)
+    indices.flags.writeable = False
+    return indices, hashlib.sha256(indices.astype("<i8").tobytes()).hexdigest()
+
+
 def eval_subset(
     name: str,
     n: int | None = None,
@@ -519,7 +527,8 @@ def eval_subset(
     n = int(n)
     if n > total:
         raise HarnessError(f"n={n} is more than the {total} images of the {split} split of '{name}'")
-    indices = np.random.RandomState(data_seed).choice(total, n, replace=False).astype(np.int64)
+    indices, indices_sha256 = _draw(total, n, int(data_seed))
+    indices = indices.copy()
     x = _to_tensor(raw.images(indices))
     y = torch.from_numpy(raw.y[indices].copy())
     identity = {
@@ -527,7 +536,7 @@ def eval_subset(
         "split": split,
         "n": n,
         "data_seed": int(data_seed),
-        "indices_sha256": hashlib.sha256(indices.astype("<i8").tobytes()).hexdigest(),
+        "indices_sha256": indices_sha256,
         "source": raw.subset_source(indices),
     }
     return EvalSubset(dataset=name, x=x, y=y, indices=indices, data_seed=int(data_seed), identity=identity)

@@ -61,6 +61,35 @@ def test_round_trip(tmp_path):
     assert table[0]["robust"] == 0.5 and table[0]["defense"] == "none"
 
 
+def test_start_and_complete_job_are_one_transaction_each(tmp_path):
+    st = Store(str(tmp_path / "r.db"))
+    assert st.start_job("j", **_fields()) == set() and st.job_status("j") == "running"
+    st.write_batch("j", 0, examples=[_example(0)], curves={}, nfe={}, seconds=0.1)
+    assert st.start_job("j", **_fields()) == {0}  # resuming: the stored batches to skip
+    last = dict(batch=1, examples=[_example(1, ok=False)], curves={"pgd": [1, 0]}, nfe={"x": 1}, seconds=0.2)
+
+    def broken(examples, batches):
+        assert [e.position for e in examples] == [0, 1] and [b.batch for b in batches] == [0, 1]  # the held batch is read
+        raise HarnessError("aggregation failed")
+
+    with pytest.raises(HarnessError, match="aggregation failed"):
+        st.complete_job("j", last, broken)
+    assert st.done_batches("j") == {0} and st.job_status("j") == "running"  # nothing of it was written
+
+    def aggregate(examples, batches):
+        k = sum(e.robust_worst for e in examples)
+        return dict(metrics={"robust_accuracy": (k / max(len(examples), 1), None, None, len(examples))}, curves={}, nfe={},
+                    timings={"total_s": sum(b.seconds for b in batches)}, environment={"device": "cpu"}, fields={"flags": []})
+
+    st.complete_job("j", last, aggregate)
+    job = Store(str(tmp_path / "r.db"), read_only=True).get_job("j")
+    assert job.status == "done" and job.flags == [] and job.timings == {"total_s": pytest.approx(0.3)}
+    assert job.identity == {"a": 1}  # written when it began, kept
+    assert st.done_batches("j") == {0, 1} and st.metrics("j")["robust_accuracy"].value == 0.5
+    with pytest.raises(HarnessError, match="vanished"):
+        st.complete_job("gone", None, aggregate)
+
+
 def test_replace_job_is_atomic_and_complete(tmp_path):
     st = Store(str(tmp_path / "r.db"))
     st.begin_job("j", **_fields())

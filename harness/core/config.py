@@ -9,6 +9,7 @@ config back into JSON-able values for the job identity.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import types
@@ -85,10 +86,15 @@ def _eval_fraction(s: str) -> float:
     return float(s)
 
 
+@functools.lru_cache(maxsize=None)
+def _fields(cls: type) -> tuple[dict[str, Any], dict[str, dataclasses.Field]]:
+    """``cls``'s resolved type hints and its fields by name, once per class (resolving string annotations compiles them)."""
+    return typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+
+
 def build_config(cls: type, values: dict[str, Any], owner: str) -> Any:
     """Instantiate dataclass ``cls`` from ``values``; unknown keys are errors, types coerced."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints, fields = _fields(cls)
     kwargs = {}
     for key, value in values.items():
         if key not in fields:

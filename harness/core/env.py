@@ -38,6 +38,16 @@ def _file_digest(path: str, mtime_ns: int) -> str:
     return sha256_file(path)
 
 
+@lru_cache(maxsize=None)
+def _source_file(klass: type) -> str | None:
+    """The file that defines ``klass`` (None: none, e.g. built in a REPL), looked up once per class."""
+    try:
+        path = inspect.getsourcefile(klass)
+    except TypeError:
+        return None
+    return path if path and os.path.isfile(path) else None
+
+
 def source_digest(cls: type, stop: type | None = None) -> dict[str, str]:
     """sha256 of the source file of ``cls`` and of every base class's file up to ``stop``.
 
@@ -52,13 +62,14 @@ def source_digest(cls: type, stop: type | None = None) -> dict[str, str]:
             break
         if klass is object:
             break
+        path = _source_file(klass)
+        if path is None:
+            continue
         try:
-            path = inspect.getsourcefile(klass)
-        except TypeError:
+            mtime = os.stat(path).st_mtime_ns
+        except OSError:
             continue
-        if not path or not os.path.isfile(path):
-            continue
-        out[Path(path).name] = _file_digest(path, os.stat(path).st_mtime_ns)
+        out[os.path.basename(path)] = _file_digest(path, mtime)
     return dict(sorted(out.items()))
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import os
 import sys
 import warnings
 from importlib import metadata
@@ -53,8 +54,15 @@ def load_entry_points() -> None:
                 warnings.warn(f"{group} entry point '{ep.name}' ({ep.value}) failed to load: {exc}")
 
 
+#: (spec as given, working directory) -> module name of a plugin file already imported
+_LOADED_FILES: dict[tuple[str, str], str] = {}
+
+
 def load_plugin(spec: str) -> str:
     """Import a plugin given as a .py path or a module name; return the module name."""
+    known = _LOADED_FILES.get((spec, os.getcwd()))
+    if known is not None and known in sys.modules:  # a grid resolves every cell with its plugins: once is enough
+        return known
     path = Path(spec)
     if spec.endswith(".py") or path.exists():
         if not path.is_file():
@@ -63,7 +71,9 @@ def load_plugin(spec: str) -> str:
         # a stable module name per file, so loading the same file twice is a no-op
         name = "harness_plugin_" + resolved.stem + "_" + hashlib.sha1(str(resolved).encode()).hexdigest()[:8]
         if name in sys.modules:
+            _LOADED_FILES[(spec, os.getcwd())] = name
             return name
+        _LOADED_FILES[(spec, os.getcwd())] = name
         mod_spec = importlib.util.spec_from_file_location(name, resolved)
         if mod_spec is None or mod_spec.loader is None:
             raise HarnessError(f"cannot import plugin file {spec}")

@@ -101,11 +101,11 @@ class JobWriter:
     """The begin / write-batch / finish / fail sequence of one job (see the module docstring)."""
 
     def __init__(self, store: Store, job: ResolvedJob, *, force: bool = False):
-        self.store, self.job = store, job
-        existing = store.get_job(job.job_id)
-        done = existing is not None and existing.status == "done"
-        self.reusable = done and not force
-        self.in_memory = done and force
+        self.store, self.job, self.force = store, job, force
+        # a forced rerun of a finished job keeps its rows in memory until it finishes (the one case that reads
+        # the status here; a grid's ordinary job does not)
+        self.in_memory = force and store.job_status(job.job_id) == "done"
+        self._fields: dict | None = None
         self.buffer: list[dict] = []
         self.resumed = 0
         self.t_start = time.perf_counter()
@@ -113,6 +113,22 @@ class JobWriter:
         #: None: this process (``harness run``)
         self.environment: dict | None = None
         self.metrics: dict | None = None  # after finish: the stored metrics
+        #: the job's last batch, held until finish writes it with the job's metrics in one transaction (it
+        #: arrives just before the job ends; an interrupt writes it at once (flush), a SIGKILL in between
+        #: leaves that one batch to recompute on resuming)
+        self.pending: tuple[int, dict] | None = None
+
+    @property
+    def reusable(self) -> bool:
+        """The job is stored as done and not forced: its stored numbers are the result (read now)."""
+        return not self.force and self.store.job_status(self.job.job_id) == "done"
+
+    @property
+    def fields(self) -> dict:
+        """The job's columns (:func:`job_fields`), computed once."""
+        if self._fields is None:
+            self._fields = job_fields(self.job)
+        return self._fields
 
     def begin(self) -> set[int]:
         """Mark the job running (unless it is a forced rerun of a finished one); return the
@@ -121,8 +137,7 @@ class JobWriter:
         self.t_start = time.perf_counter()
         if self.in_memory:
             return set()
-        self.store.begin_job(self.job.job_id, **job_fields(self.job))
-        done = self.store.done_batches(self.job.job_id)
+        done = self.store.start_job(self.job.job_id, **self.fields)
         self.resumed = len(done)
         return done
 
@@ -130,19 +145,31 @@ class JobWriter:
         """Keep one finished batch (in the store, or in memory for a forced rerun)."""
         if self.in_memory:
             self.buffer.append({"batch": b, **payload})
+        elif b == n_batches(self.job) - 1:
+            self.pending = (b, payload)
         else:
             self.store.write_batch(self.job.job_id, b, **payload)
 
     def finish(self) -> None:
-        """Aggregate the rows and mark the job done (swapping in a forced rerun's rows)."""
-        job, store = self.job, self.store
-        n = len(job.subset.y)
+        """Aggregate the rows and mark the job done (swapping in a forced rerun's rows).
+
+        The held last batch, the reading of every row, the aggregation and the job's metrics
+        are one write transaction: the job is stored done with all its batches, or not at all.
+        """
         if self.in_memory:
             examples = [_Row(**e) for bt in self.buffer for e in bt["examples"]]
             batches = [_Row(batch=bt["batch"], n=len(bt["examples"]), curves=bt["curves"], nfe=bt["nfe"], seconds=bt["seconds"],
                             extra=bt.get("extra") or {}) for bt in self.buffer]
+            self.store.replace_job(self.job.job_id, self.buffer, **self._finished(examples, batches))
         else:
-            examples, batches = store.example_rows(job.job_id), store.batch_rows(job.job_id)
+            batch = None if self.pending is None else {"batch": self.pending[0], **self.pending[1]}
+            self.store.complete_job(self.job.job_id, batch, self._finished)
+            self.pending = None
+
+    def _finished(self, examples: list, batches: list) -> dict:
+        """The job's aggregate (metrics, curves, timings, ...) from all its rows, as :meth:`Store.finish_job` takes it."""
+        job = self.job
+        n = len(job.subset.y)
         if len(examples) != n or len({e.position for e in examples}) != n:
             raise HarnessError(f"job {job.job_id[:12]}: {len(examples)} stored examples, expected {n}")
         agg = aggregate(job, examples, batches)
@@ -153,18 +180,29 @@ class JobWriter:
         }
         payload = dict(
             metrics=agg["metrics"], curves=agg["curves"], timings=timings, nfe=agg["nfe"],
-            environment=self.environment or environment(job.device), fields={**job_fields(job), "flags": agg["flags"]},
+            environment=self.environment or environment(job.device),
+            # the job's columns were written when it began (begin), except for a forced rerun's swap
+            fields={**(self.fields if self.in_memory else {}), "flags": agg["flags"]},
         )
-        if self.in_memory:
-            store.replace_job(job.job_id, self.buffer, **payload)
-        else:
-            store.finish_job(job.job_id, **payload)
         self.metrics = agg["metrics"]  # name -> (value, lower, upper, n), as stored
+        return payload
 
     def fail(self, reason: str) -> None:
-        """Record a failure (a forced rerun leaves the finished rows untouched)."""
-        if not self.in_memory:
-            self.store.fail_job(self.job.job_id, reason)
+        """Record a failure, keeping a held last batch (a forced rerun leaves the finished rows untouched)."""
+        if self.in_memory:
+            return
+        try:
+            self.flush()
+        except HarnessError:
+            pass  # the failure itself is still recorded
+        self.store.fail_job(self.job.job_id, reason)
+
+    def flush(self) -> None:
+        """Write the held last batch now (an interrupted or failed job keeps every finished batch)."""
+        if self.pending is not None:
+            b, payload = self.pending
+            self.pending = None
+            self.store.write_batch(self.job.job_id, b, **payload)
 
 
 def n_batches(job: ResolvedJob) -> int:
@@ -240,6 +278,9 @@ def run_job(job: ResolvedJob, store: Store, *, force: bool = False, progress: bo
         raise
     except Exception as exc:
         writer.fail(f"{type(exc).__name__}: {exc}")
+        raise
+    except BaseException:  # Ctrl-C, SystemExit: the job stays running with every finished batch
+        writer.flush()
         raise
     return outcome(store, job, reused=False)
 

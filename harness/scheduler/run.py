@@ -168,5 +168,12 @@ def run_grid(
 
     if tasks:
         with sharing_networks():  # jobs in flight in the parent share their networks (it never runs them)
-            run.run(tasks, store.url, on_event, start=start)
+            try:
+                run.run(tasks, store.url, on_event, start=start)
+            finally:  # interrupted (Ctrl-C, SIGTERM) or failed: the jobs in flight keep every finished batch
+                for job_id, writer in writers.items():
+                    try:
+                        writer.flush()
+                    except HarnessError as exc:  # never hides why the grid stopped
+                        log(f"  could not keep the last batch of {by_id[job_id].label()}: {exc}")
     return summary

@@ -17,8 +17,8 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 import numpy as np
-from sqlalchemy import create_engine, delete, event, insert, inspect, select, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import bindparam, create_engine, delete, event, insert, inspect, select, text, update
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.orm import Session, defer, sessionmaker
 from sqlalchemy.orm.attributes import set_committed_value
@@ -158,7 +158,12 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _bulk_insert(s: Session, model: type, rows: list[dict[str, Any]]) -> None:
+def _conn(s: Session | Connection) -> Connection:
+    """The connection a write runs on (a session's, or the connection itself)."""
+    return s.connection() if isinstance(s, Session) else s
+
+
+def _bulk_insert(s: Session | Connection, model: type, rows: list[dict[str, Any]]) -> None:
     """``INSERT`` ``rows`` into ``model``'s table with one executemany per distinct key set (in order)."""
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for row in rows:
@@ -166,8 +171,9 @@ def _bulk_insert(s: Session, model: type, rows: list[dict[str, Any]]) -> None:
     unknown = {k for keys in groups for k in keys} - set(model.__table__.columns.keys())
     if unknown:
         raise TypeError(f"{model.__name__}: unknown column(s) {sorted(unknown)}")
+    conn = _conn(s)  # Core executemany on the connection: no ORM bulk-insert machinery
     for group in groups.values():
-        s.execute(insert(model.__table__), group)
+        conn.execute(insert(model.__table__), group)
 
 
 def _reads(fn):
@@ -209,7 +215,8 @@ class Store:
         self.engine = self._engine(readonly_url(self.url) if read_only else self.url)
         # write transactions: BEGIN IMMEDIATE on SQLite (see _begin)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._write_sessions = sessionmaker(self.engine.execution_options(harness_write=True), expire_on_commit=False)
+        self._write_engine = self.engine.execution_options(harness_write=True)
+        self._write_sessions = sessionmaker(self._write_engine, expire_on_commit=False)
         self._missing: dict[type, list[str]] = {}  # columns a read-only older store lacks (read as None)
         if read_only:
             self._check_schema()
@@ -369,7 +376,7 @@ class Store:
         """A session for reading (writes go through the store's methods)."""
         return self._sessions()
 
-    def _write(self, fn, retry_on: tuple[type[Exception], ...] = (IntegrityError,)):
+    def _write(self, fn, retry_on: tuple[type[Exception], ...] = (IntegrityError,), *, core: bool = False):
         """Run ``fn(session)`` in one write transaction; database errors become one-line HarnessErrors.
 
         An IntegrityError is retried (twice at most): on a server database two transactions
@@ -382,7 +389,8 @@ class Store:
         server = self.engine.dialect.name == "postgresql"
 
         def tx():
-            with self._write_sessions.begin() as s:
+            # core: fn gets a Connection, not a Session (the grid's per-job writes, which use Core statements only)
+            with (self._write_engine.begin() if core else self._write_sessions.begin()) as s:
                 if server:  # writers one at a time, as SQLite's write lock (see WRITE_LOCK)
                     s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": WRITE_LOCK})
                 return fn(s)
@@ -400,22 +408,45 @@ class Store:
                 return next(iter(self._filled(list(s.scalars(self._select(Job).where(Job.id == job_id))))), None)
             return s.get(Job, job_id)
 
+    @_reads
+    def job_status(self, job_id: str) -> str | None:
+        """The job's status (running, done, failed, skipped), or None where it is not stored: one column read."""
+        with self.session() as s:
+            return s.scalar(select(Job.status).where(Job.id == job_id))
+
+    @staticmethod
+    def _begin(s: Session, job_id: str, fields: dict[str, Any]) -> Job:
+        job = s.get(Job, job_id)
+        if job is None:
+            job = Job(id=job_id, status="running", created_at=utcnow(), **fields)
+            s.add(job)
+        elif job.status in ("failed", "skipped", "running"):
+            job.status = "running"
+            job.reason = None
+            for k, v in fields.items():
+                setattr(job, k, v)
+        return job
+
     def begin_job(self, job_id: str, **fields: Any) -> Job:
         """Create the job row (status running) or return the existing one for resuming."""
+        return self._write(lambda s: self._begin(s, job_id, fields))
 
-        def fn(s: Session):
-            job = s.get(Job, job_id)
-            if job is None:
-                job = Job(id=job_id, status="running", created_at=utcnow(), **fields)
-                s.add(job)
-            elif job.status in ("failed", "skipped", "running"):
-                job.status = "running"
-                job.reason = None
-                for k, v in fields.items():
-                    setattr(job, k, v)
-            return job
+    def start_job(self, job_id: str, **fields: Any) -> set[int]:
+        """:meth:`begin_job` and :meth:`done_batches` in one write transaction: the batches to skip on resuming."""
+        # Core statements on the session's connection (no ORM load of the row): once per job of a grid
+        jobs, batches = Job.__table__, BatchRow.__table__
 
-        return self._write(fn)
+        def fn(c: Connection) -> set[int]:
+            status = c.execute(select(jobs.c.status).where(jobs.c.id == job_id)).scalar()
+            if status is None:  # a new job has no batches
+                c.execute(insert(jobs), {"id": job_id, "status": "running", "created_at": utcnow(), **fields})
+                return set()
+            if status in ("failed", "skipped", "running"):
+                c.execute(update(jobs).where(jobs.c.id == bindparam("job_key")),
+                          {"job_key": job_id, "status": "running", "reason": None, **fields})
+            return set(c.execute(select(batches.c.batch).where(batches.c.job_id == job_id)).scalars())
+
+        return self._write(fn, core=True)
 
     def record_skip(self, job_id: str, reason: str, **fields: Any) -> None:
         def fn(s: Session):
@@ -446,11 +477,14 @@ class Store:
         ``payload``: ``examples`` (list of ExampleRow field dicts), ``curves`` (attack ->
         robust counts per iteration), ``nfe``, ``seconds``, optional ``samples`` and ``extra``.
         """
-        self._write(lambda s: self._add_batch(s, job_id, batch, **payload))
+        if payload.get("adv_cache") is not None:  # the cache entry is an ORM insert-or-ignore
+            self._write(lambda s: self._add_batch(s, job_id, batch, **payload))
+        else:
+            self._write(lambda c: self._add_batch(c, job_id, batch, **payload), core=True)
 
     @staticmethod
     def _add_batch(
-        s: Session,
+        s: Session | Connection,
         job_id: str,
         batch: int,
         *,
@@ -466,10 +500,12 @@ class Store:
         # what every later lookup reads (entries under one key hold the same examples)
         if adv_cache is not None and s.get(AdvCacheRow, adv_cache[0]) is None:
             s.add(AdvCacheRow(key=adv_cache[0], payload=pack_adv(adv_cache[1]), created_at=utcnow()))
-        if s.scalar(select(BatchRow.id).where(BatchRow.job_id == job_id, BatchRow.batch == batch)) is not None:
+        rows = BatchRow.__table__
+        if _conn(s).execute(select(rows.c.id).where(rows.c.job_id == job_id, rows.c.batch == batch)).first() is not None:
             return  # already written by an earlier (interrupted) run
-        s.add(BatchRow(job_id=job_id, batch=batch, n=len(examples), curves=curves, nfe=nfe, seconds=seconds, extra=extra or {}))
-        s.flush()
+        # Core inserts throughout (no ORM object, no flush): a grid writes one such transaction per batch
+        _bulk_insert(s, BatchRow, [{"job_id": job_id, "batch": batch, "n": len(examples), "curves": curves, "nfe": nfe,
+                                    "seconds": seconds, "extra": extra or {}}])
         # per-example rows as Core executemany inserts (no ORM object per row). Rows are grouped by
         # the keys they give, so a column a row leaves out is SQL NULL, as with an ORM object that
         # never set it (a JSON column given None would store JSON 'null' instead).
@@ -513,13 +549,47 @@ class Store:
             q = self._select(ExampleRow).where(ExampleRow.job_id == job_id).order_by(ExampleRow.position)
             return self._filled(list(s.scalars(q)))
 
+    @_reads
+    def job_rows(self, job_id: str) -> tuple[list[ExampleRow], list[BatchRow]]:
+        """The job's example and batch rows, read in one transaction (what finishing a job aggregates).
+
+        Core rows (attribute access by column name, as the ORM objects of :meth:`example_rows`
+        and :meth:`batch_rows`, without building an ORM object per example): once per job of a grid.
+        """
+        if self._missing:  # an older read-only store: the ORM path reads its missing columns as None
+            return self.example_rows(job_id), self.batch_rows(job_id)
+        ex, bt = ExampleRow.__table__, BatchRow.__table__
+        with self.engine.connect() as c:
+            examples = list(c.execute(select(ex).where(ex.c.job_id == job_id).order_by(ex.c.position)))
+            return examples, list(c.execute(select(bt).where(bt.c.job_id == job_id).order_by(bt.c.batch)))
+
+    def complete_job(self, job_id: str, batch: dict | None, compute) -> None:
+        """In one write transaction: store ``batch`` (the job's last, if given: ``batch=`` index and the
+        :meth:`write_batch` payload), read every example and batch row of the job, and store
+        ``compute(examples, batches)`` (the :meth:`finish_job` keywords) marking it done.
+
+        What a grid does once per job: the job is done with all its rows, or nothing of it changes.
+        ``compute`` may raise (a HarnessError): then nothing is written.
+        """
+        ex, bt = ExampleRow.__table__, BatchRow.__table__
+
+        def fn(s) -> None:
+            if batch is not None:
+                self._add_batch(s, job_id, **batch)
+            c = _conn(s)
+            examples = list(c.execute(select(ex).where(ex.c.job_id == job_id).order_by(ex.c.position)))
+            batches = list(c.execute(select(bt).where(bt.c.job_id == job_id).order_by(bt.c.batch)))
+            self._finish(s, job_id, **compute(examples, batches))
+
+        self._write(fn, core=batch is None or batch.get("adv_cache") is None)
+
     def finish_job(self, job_id: str, **finish: Any) -> None:
         """Store aggregate metrics and curves, and mark the job done (one transaction)."""
-        self._write(lambda s: self._finish(s, job_id, **finish))
+        self._write(lambda c: self._finish(c, job_id, **finish), core=True)
 
     @staticmethod
     def _finish(
-        s: Session,
+        s: Session | Connection,
         job_id: str,
         *,
         metrics: dict[str, tuple[float, float | None, float | None, int | None]],
@@ -529,12 +599,16 @@ class Store:
         environment: dict,
         fields: dict | None = None,
     ) -> None:
-        job = s.get(Job, job_id)
-        if job is None:
+        # one cached Core UPDATE whose SET columns are its parameters' keys (not an ORM load of the row and its
+        # JSON columns, nor values() that the statement cache would key on): it runs once per job of a grid
+        values = {**(fields or {}), "status": "done", "reason": None, "timings": timings, "nfe": nfe,
+                  "environment": environment, "finished_at": utcnow()}
+        jobs, c = Job.__table__, _conn(s)
+        if c.execute(update(jobs).where(jobs.c.id == bindparam("job_key")), {"job_key": job_id, **values}).rowcount == 0:
             raise HarnessError(f"job {job_id} vanished from the store")
-        s.execute(delete(MetricRow).where(MetricRow.job_id == job_id))
-        s.execute(delete(CurveRow).where(CurveRow.job_id == job_id))
-        s.flush()
+        for model in (MetricRow, CurveRow):
+            table = model.__table__
+            c.execute(delete(table).where(table.c.job_id == job_id))
         _bulk_insert(s, MetricRow, [
             {"job_id": job_id, "name": name, "value": float(value), "lower": lo, "upper": hi, "n": n}
             for name, (value, lo, hi, n) in metrics.items()
@@ -543,11 +617,6 @@ class Store:
             {"job_id": job_id, "attack": attack, "iteration": it, "accuracy": float(acc), "n": int(n)}
             for attack, points in curves.items() for it, (acc, n) in enumerate(points)
         ])
-        for k, v in (fields or {}).items():
-            setattr(job, k, v)
-        job.status, job.reason = "done", None
-        job.timings, job.nfe, job.environment = timings, nfe, environment
-        job.finished_at = utcnow()
 
     @_reads
     def metrics(self, job_id: str) -> dict[str, MetricRow]:
