@@ -250,10 +250,31 @@ def _marks(lb: pd.DataFrame, prefix: str, i: int, source: Source) -> str:
     return s + q.flag_mark(lb.at[i, prefix + ":flags"])
 
 
+#: The brief board's column beside the threats (the full page has the whole table beside the board)
+SHIFT_COLUMN = "color-shift (paired change)"
+
+
+def _shift_cells(jobs: pd.DataFrame) -> dict[tuple, str]:
+    """Per (defense, classifier, dataset): robust accuracy on colour-shifted inputs, the lowest over the shifts run,
+    with its paired change from the unshifted inputs, e.g. ``6.2 (-6.2)``; purifiers trained on another dataset left out.
+    """
+    d = jobs[(jobs["status"] == "done") & (jobs["threat"] == "color-shift") & jobs["robust"].notna()]
+    d = d[d["trained_on"].isna() | (d["trained_on"] == d["dataset"])]
+    out = {}
+    for key, g in d.groupby(q.KEY, sort=False):
+        r = g.sort_values(["robust", "robust_n"], ascending=[True, False], na_position="last").iloc[0]
+        out[key] = _pct(r["robust"]) + ("" if pd.isna(r["robust_change"]) else f" ({100 * float(r['robust_change']):+.1f})")
+    return out
+
+
 def _board(lb: pd.DataFrame, jobs: pd.DataFrame, source: Source, brief: bool) -> list[str]:
     threats = q.lb_threats(lb)
     head = ["#", "defense", "classifier", "clean", "worst case"] + threats
     align = "rlllr" + "r" * len(threats)
+    shifted = _shift_cells(jobs) if brief else {}
+    if shifted:
+        head.append(SHIFT_COLUMN)
+        align += "r"
     cost = source.provenance and not brief
     if cost:
         head.append("s / example")
@@ -280,6 +301,8 @@ def _board(lb: pd.DataFrame, jobs: pd.DataFrame, source: Source, brief: bool) ->
                 s += f"<br>{prov}"
             seeds = q.fmt_seeds(lb.at[i, p + ":mean"], lb.at[i, p + ":sd"], lb.at[i, p + ":seeds"])  # mean ± sd over seeds
             cells.append(s + _marks(lb, p, i, source) + (f"<br>{seeds[3:]}" if seeds else ""))
+        if shifted:
+            cells.append(shifted.get(tuple(lb.loc[i, q.KEY]), "–"))
         if cost:
             ids = [lb.at[i, f"robust:{t}:job"] for t in threats if not pd.isna(lb.at[i, f"robust:{t}"])]
             sec = jobs.set_index("job_id").loc[[j for j in ids if isinstance(j, str)], "per_example_s"] if ids else []
@@ -359,6 +382,9 @@ def render(jobs: pd.DataFrame, source: Source, args: str, datasets: list[str] | 
     else:
         out.append("This table holds point values only: the intervals, gradient paths, EOT, flags and cost are in the store "
                    "(`harness report --db STORE`).")
+    if brief and (done["threat"] == "color-shift").any():
+        out.append(f"*{SHIFT_COLUMN}*: robust accuracy on colour-shifted inputs (the lowest over the shifts run) and its "
+                   "change from the unshifted inputs on the same examples, in points; beside the threats, not in the worst case.")
     for ds in names:
         sub = jobs[jobs["dataset"] == ds]
         lb = q.leaderboard(sub)

@@ -28,7 +28,7 @@ def python_block(first_line: str) -> str:
 @pytest.mark.parametrize("block,args", [
     ("# my_defense.py", ["--defense", "my-noise", "--threat", "adaptive", "--set", "sigma=0.2"]),
     ("# my_attack.py", ["--threat", "adaptive", "--set", "attacks=my-fgsm"]),
-    ("# my_shift.py", ["--threat", "preprocessor-blind", "--set", "shift=my-darken", "--set", "factor=0.7"]),
+    ("# my_shift.py", ["--threat", "preprocessor-blind", "--set", "shift=my-darken"]),
 ])
 def test_readme_plugin_examples_run(block, args, tmp_path, capsys):
     plugin = tmp_path / block[2:].split(":")[0].strip()
@@ -60,6 +60,9 @@ def test_every_readme_command_parses_and_names_files_that_exist():
     for line in _commands(README):
         for cmd in re.split(r"\s*&&\s*", line):
             words = shlex.split(cmd, comments=True)
+            if words and words[0] in ("export", "ray"):  # the cluster set-up (tests/test_ray_cluster.py runs a cluster)
+                assert words[0] != "ray" or words[1] in ("start", "stop"), cmd
+                continue
             if not words or words[0] in (".", "make"):
                 assert not words or words[0] != "make" or words[1] in ("run", "test", "docs", "smoke"), cmd
                 continue

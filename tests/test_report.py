@@ -143,3 +143,16 @@ def test_a_missing_store_is_an_error_and_is_not_created(tmp_path, capsys):
     db = tmp_path / "none.db"
     assert main(["report", "--db", str(db)]) == 2
     assert "does not exist" in capsys.readouterr().err and not db.exists()
+
+
+def test_the_brief_board_shows_the_colour_shift_beside_the_threats(store, capsys):
+    md = _report(capsys, "--db", store, "--brief")
+    rows = _rows(md, "#")
+    col = rows[0].index("color-shift (paired change)")
+    stored = _stored(store)[("none", "color-shift")]
+    by_defense = {r[1].strip("`"): r for r in rows[1:]}
+    want = f"{_pct(stored['robust_accuracy'].value)} ({100 * stored['robust_accuracy_change'].value:+.1f})"
+    assert by_defense["none"][col] == want
+    assert by_defense["maep"][col] == "–"  # no shifted cell was run for it
+    worst = rows[0].index("worst case")
+    assert "color-shift" not in by_defense["none"][worst]  # beside the threats, never the worst case
