@@ -44,7 +44,7 @@ def _defense(args, steps: int, checkpoint: bool):
 
     dev = torch.device(args.device)
     clf = load_classifier("digits-cnn", dataset="digits", device=dev)
-    d = CMAP.from_dict({"steps": steps, "n_latents": args.n_latents, "checkpoint": checkpoint})
+    d = CMAP.from_dict({"steps": steps, "n_latents": args.n_latents or 4, "checkpoint": checkpoint})
     d.setup(SetupContext(classifier=clf.module, dataset="digits", image_shape=(1, 8, 8), num_classes=10, device=dev))
     from harness.data import eval_subset
 
@@ -110,16 +110,68 @@ def sweep_sigma(args) -> dict:
     return {"n": args.n, "pgd_steps": args.pgd_steps, "robust_accuracy_by_sigma_a": out, "strongest_sigma_a": float(best)}
 
 
+def reconstruction(args) -> dict:
+    """What limits CMAP on a dataset: how close its fitted latents' images come to the input, step by step.
+
+    One optimisation of the N latents per image to the largest K of ``--recon-ks`` (the
+    defense's own Adam steps, lr and loss); at each K of the list: PSNR and SSIM of the
+    best reconstruction (lowest L_a, the image :meth:`CMAP.purify` returns) against the
+    clean input, and the classifier's accuracy on the inputs, on the best reconstruction
+    and by the defense's vote over the N images.
+    """
+    import defenses  # noqa: F401
+    from defenses.cmap import CMAP
+    from harness.classifiers import load_classifier
+    from harness.core.defense import SetupContext
+    from harness.data import eval_subset
+    from harness.evaluation.quality import psnr, ssim
+
+    dev = torch.device(args.device)
+    sub = eval_subset(args.dataset, args.n, 0, data_dir=args.data_dir)
+    clf = load_classifier(args.classifier, dataset=args.dataset, weights=args.weights, device=dev).module.eval()
+    ks = sorted(int(v) for v in args.recon_ks.split(","))
+    d = CMAP.from_dict({"steps": ks[-1], **({"n_latents": args.n_latents} if args.n_latents else {})})
+    d.setup(SetupContext(classifier=clf, dataset=args.dataset, image_shape=tuple(sub.x.shape[1:]), num_classes=10, device=dev))
+    d.eval()
+    x, y = sub.x.to(dev), sub.y.to(dev)
+    with torch.no_grad():
+        clean_acc = (clf(x).argmax(1) == y).float().mean().item()
+    z = d.initial_latents(x, torch.Generator(device=dev).manual_seed(0))
+    m, v = torch.zeros_like(z), torch.zeros_like(z)
+    rows, t0 = [], time.perf_counter()
+    for k in range(1, ks[-1] + 1):
+        z, m, v = d.adam_step(z, m, v, k, x, differentiable=False)
+        if k in ks:
+            with torch.no_grad():
+                x_hat = d.images(z)
+                _, l_a = d.latent_loss(z, x)
+                best = x_hat[torch.arange(len(x), device=dev), l_a.argmin(1)]
+                rows.append({
+                    "K": k, "seconds": round(time.perf_counter() - t0, 1),
+                    "psnr_db": round(psnr(best, x).mean().item(), 2), "ssim": round(ssim(best, x).mean().item(), 4),
+                    "accuracy_best_reconstruction": round((clf(best).argmax(1) == y).float().mean().item(), 4),
+                    "accuracy_vote": round((d.vote_logits(x_hat, clf).argmax(1) == y).float().mean().item(), 4),
+                })
+    return {"dataset": args.dataset, "n": len(y), "N": d.settings.n_latents, "lr": d.settings.lr,
+            "consistency_model": (d.source or {}).get("sha256"), "accuracy_inputs": round(clean_acc, 4), "by_K": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ks", default="5,10,20", help="K values of the full-gradient step")
-    p.add_argument("--n-latents", type=int, default=4)
+    p.add_argument("--n-latents", type=int, default=None, help="N (default: 4; --reconstruction: the dataset's)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--purify-steps", type=int, default=20)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sweep-sigma", action="store_true", help="sweep the surrogate's sigma_a instead")
     p.add_argument("--n", type=int, default=32, help="examples of the sigma_a sweep")
     p.add_argument("--pgd-steps", type=int, default=10)
+    p.add_argument("--reconstruction", action="store_true", help="reconstruction quality and accuracy of the fitted latents by K")
+    p.add_argument("--recon-ks", default="10,20,40,80,160", help="K values of --reconstruction (one optimisation to the largest)")
+    p.add_argument("--dataset", default="digits", help="--reconstruction: dataset (cifar10 needs --data-dir, --weights)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--classifier", default="digits-cnn")
+    p.add_argument("--weights", default=None, help="classifier weights (cifar10: ../shared/models/resnet20-12fca82f.th)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -128,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         k, ck = args.child.split(":")
         print(json.dumps(measure_full(args, int(k), ck == "1")))
+        return 0
+    if args.reconstruction:
+        print(json.dumps({"reconstruction": reconstruction(args)}, indent=1))
         return 0
     if args.sweep_sigma:
         print(json.dumps({"sigma_a_sweep": sweep_sigma(args)}, indent=1))

@@ -32,10 +32,11 @@ Gradient paths (spec 2.4 and 7.11):
 The defense provides ``latent_generator`` (:meth:`CMAP.fit_latents`,
 :meth:`CMAP.images`, :meth:`CMAP.latent_loss`) for the consistency-disruption attack.
 
-Values the paper does not give are the spec's proposals and recorded config fields:
-N 8, K 100, Adam lr 0.05, lambda 1, beta 1 on CIFAR-10; on the digit datasets N 4, K 40,
-lr 0.1. Measured on 64 test digits (single vote / worst of 10 votes): lr 0.05 at K 20 gives
-87% single; lr 0.1 at K 20 97% / 91%; N 4 K 40 97% / 95%; N 8 K 20 95% / 95% at more cost.
+Values the paper does not give are recorded config fields: the spec proposes N 8, K 100,
+Adam lr 0.05, lambda 1, beta 1 on CIFAR-10; the defaults here are N 4, K 40, lr 0.1 on every
+dataset (CPU-sized; docs/cifar10.md measures CIFAR-10's reconstruction by K). Measured on
+64 test digits (single vote / worst of 10 votes): lr 0.05 at K 20 gives 87% single; lr 0.1
+at K 20 97% / 91%; N 4 K 40 97% / 95%; N 8 K 20 95% / 95% at more cost.
 """
 
 from __future__ import annotations
@@ -73,9 +74,9 @@ class CMAPConfig(DefenseConfig):
     """Options of the CMAP defense (None: the dataset's default, given in each help)."""
 
     model_path: str | None = field(default=None, metadata={"help": "consistency model .pt (with its .json); default: shipped <dataset>-cm"})
-    n_latents: int | None = field(default=None, metadata={"help": "N latents per image (CIFAR 8; digits 4)"})
-    steps: int | None = field(default=None, metadata={"help": "K Adam steps (CIFAR 100; digits 40)"})
-    lr: float | None = field(default=None, metadata={"help": "Adam learning rate on z (CIFAR 0.05; digits 0.1)"})
+    n_latents: int | None = field(default=None, metadata={"help": "N latents per image (default 4; the spec proposes 8 on CIFAR-10)"})
+    steps: int | None = field(default=None, metadata={"help": "K Adam steps (default 40; the spec proposes 100 on CIFAR-10)"})
+    lr: float | None = field(default=None, metadata={"help": "Adam learning rate on z (default 0.1; the spec proposes 0.05 on CIFAR-10)"})
     lam: float = field(default=1.0, metadata={"help": "lambda, the SSIM weight in L_a"})
     beta: float = field(default=1.0, metadata={"help": "beta, the weight of the latent moment term L_d"})
     moments: Literal["per-dimension", "scalar"] = field(default="per-dimension", metadata={"help": "L_d statistics"})
