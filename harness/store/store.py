@@ -414,26 +414,16 @@ class Store:
         with self.session() as s:
             return s.scalar(select(Job.status).where(Job.id == job_id))
 
-    @staticmethod
-    def _begin(s: Session, job_id: str, fields: dict[str, Any]) -> Job:
-        job = s.get(Job, job_id)
-        if job is None:
-            job = Job(id=job_id, status="running", created_at=utcnow(), **fields)
-            s.add(job)
-        elif job.status in ("failed", "skipped", "running"):
-            job.status = "running"
-            job.reason = None
-            for k, v in fields.items():
-                setattr(job, k, v)
-        return job
-
     def begin_job(self, job_id: str, **fields: Any) -> Job:
         """Create the job row (status running) or return the existing one for resuming."""
-        return self._write(lambda s: self._begin(s, job_id, fields))
+        self.start_job(job_id, **fields)
+        return self.get_job(job_id)
 
     def start_job(self, job_id: str, **fields: Any) -> set[int]:
-        """:meth:`begin_job` and :meth:`done_batches` in one write transaction: the batches to skip on resuming."""
-        # Core statements on the session's connection (no ORM load of the row): once per job of a grid
+        """Create the job row (status running; a failed, skipped or running one is marked running again with
+        ``fields``) and return its stored batches (to skip on resuming), in one write transaction.
+        """
+        # Core statements on the connection (no ORM load of the row): once per job of a grid
         jobs, batches = Job.__table__, BatchRow.__table__
 
         def fn(c: Connection) -> set[int]:
@@ -477,14 +467,11 @@ class Store:
         ``payload``: ``examples`` (list of ExampleRow field dicts), ``curves`` (attack ->
         robust counts per iteration), ``nfe``, ``seconds``, optional ``samples`` and ``extra``.
         """
-        if payload.get("adv_cache") is not None:  # the cache entry is an ORM insert-or-ignore
-            self._write(lambda s: self._add_batch(s, job_id, batch, **payload))
-        else:
-            self._write(lambda c: self._add_batch(c, job_id, batch, **payload), core=True)
+        self._write(lambda c: self._add_batch(c, job_id, batch, **payload), core=True)
 
     @staticmethod
     def _add_batch(
-        s: Session | Connection,
+        c: Connection,
         job_id: str,
         batch: int,
         *,
@@ -498,19 +485,19 @@ class Store:
     ) -> None:
         # insert-or-ignore under the write lock: an entry another process stored first stays, and is
         # what every later lookup reads (entries under one key hold the same examples)
-        if adv_cache is not None and s.get(AdvCacheRow, adv_cache[0]) is None:
-            s.add(AdvCacheRow(key=adv_cache[0], payload=pack_adv(adv_cache[1]), created_at=utcnow()))
-        rows = BatchRow.__table__
-        if _conn(s).execute(select(rows.c.id).where(rows.c.job_id == job_id, rows.c.batch == batch)).first() is not None:
+        # Core statements throughout (no ORM object, no flush): a grid writes one such transaction per batch
+        cache, rows = AdvCacheRow.__table__, BatchRow.__table__
+        if adv_cache is not None and c.execute(select(cache.c.key).where(cache.c.key == adv_cache[0])).first() is None:
+            c.execute(insert(cache), {"key": adv_cache[0], "payload": pack_adv(adv_cache[1]), "created_at": utcnow()})
+        if c.execute(select(rows.c.id).where(rows.c.job_id == job_id, rows.c.batch == batch)).first() is not None:
             return  # already written by an earlier (interrupted) run
-        # Core inserts throughout (no ORM object, no flush): a grid writes one such transaction per batch
-        _bulk_insert(s, BatchRow, [{"job_id": job_id, "batch": batch, "n": len(examples), "curves": curves, "nfe": nfe,
+        _bulk_insert(c, BatchRow, [{"job_id": job_id, "batch": batch, "n": len(examples), "curves": curves, "nfe": nfe,
                                     "seconds": seconds, "extra": extra or {}}])
         # per-example rows as Core executemany inserts (no ORM object per row). Rows are grouped by
         # the keys they give, so a column a row leaves out is SQL NULL, as with an ORM object that
         # never set it (a JSON column given None would store JSON 'null' instead).
-        _bulk_insert(s, ExampleRow, [{"job_id": job_id, "batch": batch, **e} for e in examples])
-        _bulk_insert(s, SampleRow, [
+        _bulk_insert(c, ExampleRow, [{"job_id": job_id, "batch": batch, **e} for e in examples])
+        _bulk_insert(c, SampleRow, [
             {"job_id": job_id, "position": smp["position"], "images": encode_images(**smp["images"])} for smp in samples or []
         ])
 
@@ -528,15 +515,15 @@ class Store:
         forced rerun loses nothing.
         """
 
-        def fn(s: Session):
+        def fn(c: Connection):
             for model in (ExampleRow, BatchRow, MetricRow, CurveRow, SampleRow):
-                s.execute(delete(model).where(model.job_id == job_id))
-            s.flush()
+                table = model.__table__
+                c.execute(delete(table).where(table.c.job_id == job_id))
             for b in batches:
-                self._add_batch(s, job_id, **b)
-            self._finish(s, job_id, **finish)
+                self._add_batch(c, job_id, **b)
+            self._finish(c, job_id, **finish)
 
-        self._write(fn)
+        self._write(fn, core=True)
 
     @_reads
     def batch_rows(self, job_id: str) -> list[BatchRow]:
@@ -549,39 +536,25 @@ class Store:
             q = self._select(ExampleRow).where(ExampleRow.job_id == job_id).order_by(ExampleRow.position)
             return self._filled(list(s.scalars(q)))
 
-    @_reads
-    def job_rows(self, job_id: str) -> tuple[list[ExampleRow], list[BatchRow]]:
-        """The job's example and batch rows, read in one transaction (what finishing a job aggregates).
-
-        Core rows (attribute access by column name, as the ORM objects of :meth:`example_rows`
-        and :meth:`batch_rows`, without building an ORM object per example): once per job of a grid.
-        """
-        if self._missing:  # an older read-only store: the ORM path reads its missing columns as None
-            return self.example_rows(job_id), self.batch_rows(job_id)
-        ex, bt = ExampleRow.__table__, BatchRow.__table__
-        with self.engine.connect() as c:
-            examples = list(c.execute(select(ex).where(ex.c.job_id == job_id).order_by(ex.c.position)))
-            return examples, list(c.execute(select(bt).where(bt.c.job_id == job_id).order_by(bt.c.batch)))
-
     def complete_job(self, job_id: str, batch: dict | None, compute) -> None:
         """In one write transaction: store ``batch`` (the job's last, if given: ``batch=`` index and the
         :meth:`write_batch` payload), read every example and batch row of the job, and store
         ``compute(examples, batches)`` (the :meth:`finish_job` keywords) marking it done.
 
         What a grid does once per job: the job is done with all its rows, or nothing of it changes.
-        ``compute`` may raise (a HarnessError): then nothing is written.
+        ``compute`` may raise (a HarnessError): then nothing is written. The rows it gets are Core
+        rows (attribute access by column name, as the ORM objects of :meth:`example_rows`).
         """
         ex, bt = ExampleRow.__table__, BatchRow.__table__
 
-        def fn(s) -> None:
+        def fn(c: Connection) -> None:
             if batch is not None:
-                self._add_batch(s, job_id, **batch)
-            c = _conn(s)
+                self._add_batch(c, job_id, **batch)
             examples = list(c.execute(select(ex).where(ex.c.job_id == job_id).order_by(ex.c.position)))
             batches = list(c.execute(select(bt).where(bt.c.job_id == job_id).order_by(bt.c.batch)))
-            self._finish(s, job_id, **compute(examples, batches))
+            self._finish(c, job_id, **compute(examples, batches))
 
-        self._write(fn, core=batch is None or batch.get("adv_cache") is None)
+        self._write(fn, core=True)
 
     def finish_job(self, job_id: str, **finish: Any) -> None:
         """Store aggregate metrics and curves, and mark the job done (one transaction)."""
@@ -589,7 +562,7 @@ class Store:
 
     @staticmethod
     def _finish(
-        s: Session | Connection,
+        c: Connection,
         job_id: str,
         *,
         metrics: dict[str, tuple[float, float | None, float | None, int | None]],
@@ -603,17 +576,17 @@ class Store:
         # JSON columns, nor values() that the statement cache would key on): it runs once per job of a grid
         values = {**(fields or {}), "status": "done", "reason": None, "timings": timings, "nfe": nfe,
                   "environment": environment, "finished_at": utcnow()}
-        jobs, c = Job.__table__, _conn(s)
+        jobs = Job.__table__
         if c.execute(update(jobs).where(jobs.c.id == bindparam("job_key")), {"job_key": job_id, **values}).rowcount == 0:
             raise HarnessError(f"job {job_id} vanished from the store")
         for model in (MetricRow, CurveRow):
             table = model.__table__
             c.execute(delete(table).where(table.c.job_id == job_id))
-        _bulk_insert(s, MetricRow, [
+        _bulk_insert(c, MetricRow, [
             {"job_id": job_id, "name": name, "value": float(value), "lower": lo, "upper": hi, "n": n}
             for name, (value, lo, hi, n) in metrics.items()
         ])
-        _bulk_insert(s, CurveRow, [
+        _bulk_insert(c, CurveRow, [
             {"job_id": job_id, "attack": attack, "iteration": it, "accuracy": float(acc), "n": int(n)}
             for attack, points in curves.items() for it, (acc, n) in enumerate(points)
         ])
